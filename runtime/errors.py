@@ -51,3 +51,7 @@ class ResourceExhausted(RuntimeError_):
 
 class Internal(RuntimeError_):
     """A bug or an unexpected state; the log has the details."""
+
+
+class StartupError(Exception):
+    """Stops the daemon from starting; the message is one line for the operator."""

@@ -1,0 +1,88 @@
+"""The daemon's one connection to libvirtd, opened lazily and reopened after a loss.
+
+libvirt calls block, so callers run them in worker threads, never on the event loop.
+libvirt's default event loop runs in its own thread: it drives connection keepalives
+(so a vanished libvirtd is noticed) and the domain lifecycle callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import libvirt
+
+from ..errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+_event_loop_started = False
+_event_loop_lock = threading.Lock()
+
+
+def _ignore_libvirt_error(_ctx: Any, _err: Any) -> None:
+    """libvirt prints every error to stderr by default; ours are raised and logged instead."""
+
+
+def _start_event_loop() -> None:
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+class LibvirtConnection:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+        self._lock = threading.Lock()
+        self._on_open: list[Any] = []
+        _start_event_loop()
+
+    def on_open(self, callback: Any) -> None:
+        """Registers callback(conn), run after each (re)connect, e.g. to subscribe events."""
+        self._on_open.append(callback)
+
+    def get(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                log.warning("connection to libvirt at %s was lost; reconnecting", self.uri)
+                self._conn = None
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as e:
+                raise Unavailable(f"cannot connect to libvirt at {self.uri}: {e}") from e
+            try:
+                conn.setKeepAlive(5, 3)
+            except libvirt.libvirtError as e:  # e.g. the test:/// driver has no keepalive
+                log.debug("libvirt keepalive not available: %s", e)
+            self._conn = conn
+            log.info("connected to libvirt at %s", self.uri)
+        for callback in self._on_open:
+            callback(conn)
+        return conn
+
+    def probe(self) -> str:
+        """A cheap round trip to libvirtd; returns its version as text."""
+        try:
+            v = self.get().getLibVersion()
+        except libvirt.libvirtError as e:
+            with self._lock:
+                self._conn = None
+            raise Unavailable(f"libvirt at {self.uri} does not answer: {e}") from e
+        return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"

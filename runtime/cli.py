@@ -1,0 +1,74 @@
+"""The `arktos-vm-runtime` command: serve, version, check."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .config import DEFAULT_SOCKET, build
+from .errors import InvalidArgument, StartupError
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML file with the same settings; flags win")
+    p.add_argument("--listen", metavar="PATH", help=f"unix socket to serve on ({DEFAULT_SOCKET})")
+    p.add_argument("--state-dir", metavar="DIR", help="state (/var/lib/arktos-vm-runtime)")
+    p.add_argument("--libvirt-uri", metavar="URI", help="libvirt connection (qemu:///system)")
+    p.add_argument("--socket-group", metavar="GROUP", help="group owning the socket (root)")
+    p.add_argument("--cni-conf-dir", metavar="DIR", help="CNI configuration (/etc/cni/net.d)")
+    p.add_argument("--cni-bin-dir", metavar="DIR", help="CNI plugins (/opt/cni/bin)")
+    p.add_argument("--disable-kvm", action="store_const", const=True,
+                   help="run guests under TCG emulation instead of KVM")
+    p.add_argument("--image-download-protocol", choices=["https", "http"],
+                   help="scheme prepended to image names (https)")
+    p.add_argument("--image-translations-dir", metavar="DIR",
+                   help="YAML image name translations (/etc/arktos-vm-runtime/images)")
+    p.add_argument("--allow-local-images", action="store_const", const=True,
+                   help="allow file:// image names")
+    p.add_argument("--template-dir", metavar="DIR",
+                   help="operator template overrides (/etc/arktos-vm-runtime/templates)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="arktos-vm-runtime",
+                                     description="CRI runtime that runs pods as libvirt VMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_flags(sub.add_parser("serve", help="serve the CRI on a unix socket"))
+    sub.add_parser("version", help="print the version")
+    check = sub.add_parser("check", help="call Version on a running daemon's socket")
+    check.add_argument("--listen", metavar="PATH", default=DEFAULT_SOCKET)
+    check.add_argument("--api", choices=["v1alpha2", "v1"], default="v1alpha2")
+    args = parser.parse_args(argv)
+
+    if args.command == "version":
+        print(f"arktos-vm-runtime {__version__}")
+        return 0
+    if args.command == "check":
+        import grpc
+
+        from .daemon.main import call_version
+        try:
+            print(call_version(args.listen, api=args.api))
+        except grpc.RpcError as e:
+            print(f"arktos-vm-runtime: {args.listen}: {e.code().name}: {e.details()}",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    from .daemon import logs
+    from .daemon.main import serve
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        settings = build(args.config, overrides)
+        logs.setup(settings.log_level)
+        return serve(settings)
+    except (StartupError, InvalidArgument) as e:
+        print(f"arktos-vm-runtime: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

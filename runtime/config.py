@@ -1,0 +1,110 @@
+"""Daemon settings: defaults, a YAML config file, and command-line flags (flags win).
+
+One dataclass holds every setting so that `serve`, Status' verbose info and the tests all
+see the same names. A new setting is one field here plus one flag in cli.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InvalidArgument
+
+DEFAULT_SOCKET = "/run/virtlet.sock"
+# sun_path is 108 bytes on Linux including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    listen: str = DEFAULT_SOCKET
+    state_dir: str = "/var/lib/arktos-vm-runtime"
+    libvirt_uri: str = "qemu:///system"
+    socket_group: str = ""  # empty: root's group, as containerd does by default
+    cni_conf_dir: str = "/etc/cni/net.d"
+    cni_bin_dir: str = "/opt/cni/bin"
+    disable_kvm: bool = False
+    image_download_protocol: str = "https"
+    image_translations_dir: str = "/etc/arktos-vm-runtime/images"
+    allow_local_images: bool = False
+    template_dir: str = "/etc/arktos-vm-runtime/templates"
+    default_memory_mib: int = 1024
+    log_level: str = "info"
+    # Seconds one libvirt health probe may take before the daemon counts libvirt as
+    # wedged and stops feeding the systemd watchdog.
+    libvirt_probe_timeout: float = 10.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = FIELDS[name].type
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise InvalidArgument(f"setting {name}: {value!r} is not a {kind}")
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Reads a YAML config file; keys use the flag names with '-' or '_'."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise InvalidArgument(f"config file {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise InvalidArgument(f"config file {path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"config file {path}: must be a mapping of settings")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise InvalidArgument(f"config file {path}: unknown setting {key!r}")
+        out[name] = _coerce(name, value)
+    return out
+
+
+def build(config_file: str | None, overrides: dict[str, Any]) -> Settings:
+    """Defaults, then the config file, then the flags that were given."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_file(config_file))
+    values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if len(os.fsencode(s.listen)) > MAX_SOCKET_PATH:
+        raise InvalidArgument(
+            f"socket path {s.listen} is {len(os.fsencode(s.listen))} bytes; "
+            f"a unix socket path can hold at most {MAX_SOCKET_PATH}"
+        )
+    if not os.path.isabs(s.listen) or not os.path.isabs(s.state_dir):
+        raise InvalidArgument("--listen and --state-dir must be absolute paths")
+    if s.image_download_protocol not in ("https", "http"):
+        raise InvalidArgument(
+            f"image-download-protocol {s.image_download_protocol!r}: must be https or http"
+        )
+    if s.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise InvalidArgument(f"log-level {s.log_level!r}: debug, info, warning or error")

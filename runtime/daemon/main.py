@@ -1,0 +1,162 @@
+"""Startup, serving, the watchdog and shutdown.
+
+Order at start: settings are checked, the state dir is locked, the socket is made ready,
+gRPC starts, and only then READY=1 goes to systemd. On SIGTERM/SIGINT: STOPPING=1, no new
+connections, calls in flight finish (up to a grace period), exit 0. VMs are libvirtd's
+children, not ours; nothing here ever stops one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+
+from ..adapters.libvirt_conn import LibvirtConnection
+from ..api.dispatch import TRANSPORT_LIMIT, all_handlers
+from ..api.image_service import ImageServicer
+from ..api.runtime_service import RuntimeServicer
+from ..config import Settings
+from ..errors import StartupError
+from ..service.core import Core
+from ..service.statedir import StateDir
+from . import sockets
+from .notify import Notifier
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 30.0
+PROBE_INTERVAL = 5.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.notifier = Notifier()
+        self._stop = asyncio.Event()
+        self._relay: sockets.Relay | None = None
+        self._owned_socket: str | None = None
+
+    async def _bind(self, server: grpc.aio.Server, state: StateDir) -> None:
+        inherited = sockets.inherited_socket()
+        if inherited is not None:
+            target = state.private_socket
+            sockets.clear_stale(target)
+            with sockets.private_umask():
+                self._add_port(server, target)
+            self._relay = sockets.Relay(inherited, target)
+            log.info("socket activation: relaying systemd's socket to %s", target)
+            return
+        sockets.prepare_path(self.settings.listen)
+        with sockets.private_umask():
+            self._add_port(server, self.settings.listen)
+        self._owned_socket = self.settings.listen
+        sockets.set_permissions(self.settings.listen, self.settings.socket_group)
+
+    @staticmethod
+    def _add_port(server: grpc.aio.Server, path: str) -> None:
+        try:
+            port = server.add_insecure_port(f"unix:{path}")
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {path}: {e}") from e
+        if not port:
+            raise StartupError(f"cannot listen on {path}")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _watchdog(self, core: Core) -> None:
+        """Feeds WATCHDOG=1 from the serving loop, only while the daemon is healthy.
+
+        If the loop is stuck this task cannot run; if libvirt is wedged, health says so.
+        """
+        usec = self.notifier.watchdog_usec
+        interval = usec / 2e6 if usec else None
+        last_status = ""
+        next_probe = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            now = loop.time()
+            if now >= next_probe:
+                core.health.start_probe()
+                next_probe = now + PROBE_INTERVAL
+            if interval is not None:
+                if core.health.wedged():
+                    log.error("libvirt is not answering; withholding the watchdog ping")
+                else:
+                    self.notifier.watchdog()
+            status = await asyncio.to_thread(core.summary)
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), min(interval or 1.0, 1.0))
+
+    async def run(self) -> int:
+        state = StateDir(self.settings.state_dir)
+        try:
+            libvirt = LibvirtConnection(self.settings.libvirt_uri)
+            core = Core(self.settings, state, libvirt)
+            server = grpc.aio.server(options=[
+                ("grpc.max_receive_message_length", TRANSPORT_LIMIT),
+                ("grpc.max_send_message_length", TRANSPORT_LIMIT),
+                ("grpc.so_reuseport", 0),
+            ])
+            server.add_generic_rpc_handlers(
+                all_handlers(RuntimeServicer(core), ImageServicer(core))
+            )
+            await self._bind(server, state)
+            await server.start()
+            if self._relay is not None:
+                await self._relay.start()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            core.health.start_probe()
+            log.info("arktos-vm-runtime serving on %s (state %s, libvirt %s)",
+                     self.settings.listen, self.settings.state_dir, self.settings.libvirt_uri)
+            self.notifier.ready(core.summary())
+            watchdog = asyncio.create_task(self._watchdog(core))
+            await self._stop.wait()
+
+            log.info("stopping: finishing calls in flight; VMs keep running")
+            self.notifier.stopping("Stopping: finishing calls in flight; VMs keep running")
+            if self._relay is not None:
+                self._relay.stop_accepting()
+            await server.stop(SHUTDOWN_GRACE)
+            if self._relay is not None:
+                await self._relay.wait_closed(1.0)
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            return 0
+        finally:
+            if self._owned_socket is not None:
+                sockets.remove_socket(self._owned_socket)
+            state.close()
+            self.notifier.close()
+
+
+def serve(settings: Settings) -> int:
+    return asyncio.run(Daemon(settings).run())
+
+
+def call_version(path: str, timeout: float = 10.0, api: str = "v1alpha2") -> str:
+    """Calls Version over the socket (for `arktos-vm-runtime check` and install checks)."""
+    from ..api.dispatch import api_modules
+
+    pb = api_modules()[api]
+    with grpc.insecure_channel(f"unix:{path}") as channel:
+        stub = channel.unary_unary(
+            f"/runtime.{api}.RuntimeService/Version",
+            request_serializer=pb.VersionRequest.SerializeToString,
+            response_deserializer=pb.VersionResponse.FromString,
+        )
+        r = stub(pb.VersionRequest(version=""), timeout=timeout)
+    return (f"{r.runtime_name} {r.runtime_version} "
+            f"(CRI {r.runtime_api_version}, version {r.version})")
+
+

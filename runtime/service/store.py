@@ -1,0 +1,121 @@
+"""The state store: what the runtime has made, recorded before it is made.
+
+SQLite in WAL mode with synchronous=FULL: a committed write survives kill -9 and power
+loss, and a write cut short by kill -9 is rolled back on the next open. Records are JSON
+documents keyed by id; the few columns outside the JSON are the ones queried by. The
+schema version lives in PRAGMA user_version and MIGRATIONS brings an old file up to date.
+The connection is shared by the event loop's worker threads, so every access holds a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _v1(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE sandboxes (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+    db.execute(
+        "CREATE TABLE containers (id TEXT PRIMARY KEY, sandbox_id TEXT NOT NULL, "
+        "data TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX containers_by_sandbox ON containers (sandbox_id)")
+    db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
+# MIGRATIONS[n] takes a store at version n to version n + 1. Append; never edit.
+MIGRATIONS: list[Migration] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+TABLES = ("sandboxes", "containers")
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"state store {self.path} has schema version {version}, newer than this "
+                    f"runtime's {SCHEMA_VERSION}; refusing to downgrade it"
+                )
+            for n in range(version, SCHEMA_VERSION):
+                with self.transaction() as db:
+                    MIGRATIONS[n](db)
+                    db.execute(f"PRAGMA user_version={n + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def put(self, table: str, id_: str, data: dict[str, Any], **columns: str) -> None:
+        assert table in TABLES
+        names = ["id", "data", *columns]
+        values = [id_, json.dumps(data, sort_keys=True), *columns.values()]
+        marks = ",".join("?" * len(names))
+        with self.transaction() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO {table} ({','.join(names)}) VALUES ({marks})", values
+            )
+
+    def get(self, table: str, id_: str) -> dict[str, Any] | None:
+        assert table in TABLES
+        with self._lock:
+            row = self._db.execute(f"SELECT data FROM {table} WHERE id=?", (id_,)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def all(self, table: str) -> list[dict[str, Any]]:
+        assert table in TABLES
+        with self._lock:
+            rows = self._db.execute(f"SELECT data FROM {table} ORDER BY id").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def delete(self, table: str, id_: str) -> None:
+        assert table in TABLES
+        with self.transaction() as db:
+            db.execute(f"DELETE FROM {table} WHERE id=?", (id_,))
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+    def setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
