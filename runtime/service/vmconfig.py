@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -154,7 +154,6 @@ class VMConfig:
 
 # --- helpers ------------------------------------------------------------------------------
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _CONTROL_CHARS_OR_NEWLINE = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]{1,6}")
 
@@ -303,13 +302,15 @@ def _parse_memory(memory_limit_bytes: int, default_memory_mib: int) -> int:
     return mib
 
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def _parse_system_uuid(annotations: Mapping[str, str]) -> str | None:
     raw = _get(annotations, ANN_SYSTEM_UUID)
     if raw is None:
         return None
     text = raw.strip()
-    if not re.fullmatch(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-                        text):
+    if not _UUID.fullmatch(text):
         raise _bad(ANN_SYSTEM_UUID, f"{_shown(raw)} is not a UUID")
     value = uuid.UUID(text)
     if value.int == 0:
@@ -348,8 +349,7 @@ def check_ssh_public_key(line: str) -> str:
     Accepts "TYPE BASE64 [COMMENT]" where BASE64 decodes to a key blob that starts with the
     same TYPE; authorized_keys options (command=..., from=...) are not accepted.
     """
-    text = " ".join(line.split(" ")).strip()
-    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r"[ \t]+", " ", line.strip(" \t"))
     if _CONTROL_CHARS_OR_NEWLINE.search(text):
         raise ValueError("contains control characters")
     m = _SSH_KEY_LINE.fullmatch(text)
@@ -382,9 +382,7 @@ def _parse_ssh_keys(annotations: Mapping[str, str]) -> tuple[str, ...]:
         try:
             keys.append(check_ssh_public_key(line))
         except ValueError as exc:
-            raise _bad(
-                ANN_SSH_KEYS, f"line {number} is not an OpenSSH public key: {exc}"
-            ) from None
+            raise _bad(ANN_SSH_KEYS, f"line {number} is not an OpenSSH public key: {exc}") from None
     return tuple(keys)
 
 
@@ -549,20 +547,19 @@ def parse_vm_config(
         vcpus=_parse_vcpus(annotations, cpu_quota, cpu_period),
         memory_mib=_parse_memory(memory_limit_bytes, default_memory_mib),
         root_volume_bytes=_parse_root_volume(annotations),
-        disk_driver=_parse_choice(  # type: ignore[arg-type]
-            annotations, ANN_DISK_DRIVER, ("virtio", "scsi"), "virtio"
+        disk_driver=cast(
+            DiskDriver, _parse_choice(annotations, ANN_DISK_DRIVER, ("virtio", "scsi"), "virtio")
         ),
-        cpu_model=_parse_choice(  # type: ignore[arg-type]
-            annotations, ANN_CPU_MODEL, ("", "host-model"), ""
-        ),
+        cpu_model=cast(CPUModel, _parse_choice(annotations, ANN_CPU_MODEL, ("", "host-model"), "")),
         system_uuid=_parse_system_uuid(annotations),
         ssh_keys=_parse_ssh_keys(annotations),
         user_data=_parse_yaml_mapping(annotations, ANN_USER_DATA),
         user_data_script=_parse_user_data_script(annotations),
         meta_data=_parse_yaml_mapping(annotations, ANN_META_DATA),
         user_data_overwrite=_parse_bool(annotations, ANN_USER_DATA_OVERWRITE),
-        cloud_init_type=_parse_choice(  # type: ignore[arg-type]
-            annotations, ANN_CLOUD_INIT_TYPE, ("nocloud", "configdrive"), "nocloud"
+        cloud_init_type=cast(
+            CloudInitType,
+            _parse_choice(annotations, ANN_CLOUD_INIT_TYPE, ("nocloud", "configdrive"), "nocloud"),
         ),
         force_dhcp=_parse_bool(annotations, ANN_FORCE_DHCP),
         vpc=_parse_vpc(annotations),
