@@ -1,0 +1,245 @@
+"""The libvirt domain XML of one pod VM: a frozen spec in, XML text out. No policy here.
+
+`DomainSpec` holds every decision already taken (by the service layer); `render_domain`
+only turns it into XML through the Jinja2 template `domain.xml.j2`. The environment
+autoescapes, so no value from a pod spec reaches the XML unescaped, and `DomainSpec`
+refuses characters XML 1.0 cannot carry at all (NUL and other control characters).
+
+Templates are looked up in an operator override directory first (default
+/etc/arktos-vm-runtime/templates), then in the project's own templates/ directory, so an
+operator can replace a template by dropping a file of the same name.
+
+The `<metadata>` element in our own namespace records the sandbox and pod the domain
+belongs to, so a restarted daemon can rebuild its memory from libvirt (`parse_metadata`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import uuid as uuid_mod
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import jinja2
+
+from ..errors import InvalidArgument
+
+METADATA_NS = "https://arktos-vm-runtime/xmlns/domain/1"
+DEFAULT_OVERRIDE_DIR = Path("/etc/arktos-vm-runtime/templates")
+INSTALLED_TEMPLATE_DIR = Path("/usr/share/arktos-vm-runtime/templates")
+DOMAIN_TEMPLATE = "domain.xml.j2"
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+DomainType = Literal["kvm", "qemu"]
+DiskBus = Literal["virtio", "scsi"]
+DiskCache = Literal["none", "writeback"]
+
+
+# --- template lookup ----------------------------------------------------------------------
+
+
+def project_template_dir() -> Path:
+    """The project's templates/: beside the source tree when run from it, else installed."""
+    package_dir = Path(__file__).resolve().parent.parent
+    if package_dir.name == "runtime":
+        source_tree = package_dir.parent / "templates"
+        if (source_tree / DOMAIN_TEMPLATE).is_file():
+            return source_tree
+    return INSTALLED_TEMPLATE_DIR
+
+
+def default_template_dirs(override_dir: Path | str | None = DEFAULT_OVERRIDE_DIR) -> list[Path]:
+    """Template search path: the operator's override directory (if any), then the project's."""
+    dirs: list[Path] = []
+    if override_dir:
+        dirs.append(Path(override_dir))
+    dirs.append(project_template_dir())
+    return dirs
+
+
+@functools.lru_cache(maxsize=16)
+def _environment(dirs: tuple[str, ...], autoescape: bool) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(list(dirs)),
+        autoescape=autoescape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def template_environment(
+    template_dirs: Sequence[Path | str], *, autoescape: bool = True
+) -> jinja2.Environment:
+    """A (cached) Jinja2 environment over `template_dirs`, StrictUndefined, autoescaping."""
+    return _environment(tuple(str(d) for d in template_dirs), autoescape)
+
+
+# --- the spec -----------------------------------------------------------------------------
+
+_XML_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+_TAP = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidArgument(message)
+
+
+def _check_text(what: str, value: str, *, allow_empty: bool = True) -> None:
+    _require(isinstance(value, str), f"{what} must be a string")
+    _require(allow_empty or bool(value), f"{what} must not be empty")
+    _require(not _CONTROL.search(value), f"{what} {value!r} contains control characters")
+    _require(not _XML_UNSAFE.search(value), f"{what} {value!r} cannot be carried in XML")
+
+
+def _check_path(what: str, value: Path) -> None:
+    _check_text(what, str(value), allow_empty=False)
+    _require(value.is_absolute(), f"{what} {str(value)!r} must be an absolute path")
+    _require(".." not in value.parts, f"{what} {str(value)!r} must not contain '..'")
+
+
+@dataclass(frozen=True)
+class DomainMetadata:
+    """Who the domain belongs to; stored in the domain's `<metadata>`."""
+
+    sandbox_id: str
+    pod_name: str
+    pod_namespace: str
+    pod_tenant: str = ""
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        _check_text("sandbox id", self.sandbox_id, allow_empty=False)
+        _check_text("pod name", self.pod_name)
+        _check_text("pod namespace", self.pod_namespace)
+        _check_text("pod tenant", self.pod_tenant)
+        _require(isinstance(self.attempt, int) and self.attempt >= 0, "attempt must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    """One `<interface type='ethernet'>`: a tap the runtime made, opened by QEMU by name."""
+
+    target_dev: str
+    mac: str
+    model: str = "virtio"
+
+    def __post_init__(self) -> None:
+        _require(bool(_TAP.fullmatch(self.target_dev)), f"bad tap name {self.target_dev!r}")
+        _require(bool(_MAC.fullmatch(self.mac)), f"bad MAC address {self.mac!r} (use lower case)")
+        _require(self.model == "virtio", f"interface model {self.model!r}: only virtio")
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything the domain XML says; all choices already made by the caller."""
+
+    name: str
+    uuid: str
+    vcpus: int
+    memory_mib: int
+    root_disk: Path
+    console_log: Path
+    guest_agent_socket: Path
+    metadata: DomainMetadata
+    seed_iso: Path | None = None
+    domain_type: DomainType = "qemu"
+    cpu_model: Literal["", "host-model"] = ""
+    machine: str = "pc"
+    disk_bus: DiskBus = "virtio"
+    disk_cache: DiskCache = "writeback"
+    #: when set, equals `uuid` and is also exported as the SMBIOS system UUID
+    system_uuid: str | None = None
+    interfaces: tuple[InterfaceSpec, ...] = ()
+    #: QEMU binary; None lets libvirt pick its default for the arch
+    emulator: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_text("domain name", self.name, allow_empty=False)
+        _require(
+            bool(re.fullmatch(r"[A-Za-z0-9_.+-]{1,200}", self.name)),
+            f"domain name {self.name!r} must match [A-Za-z0-9_.+-]{{1,200}}",
+        )
+        _require(bool(_UUID.fullmatch(self.uuid)), f"uuid {self.uuid!r}: canonical lower case")
+        _require(uuid_mod.UUID(self.uuid).int != 0, "the nil UUID is not a domain uuid")
+        _require(isinstance(self.vcpus, int) and 1 <= self.vcpus <= 512, f"vcpus {self.vcpus!r}")
+        _require(
+            isinstance(self.memory_mib, int) and self.memory_mib >= 1,
+            f"memory_mib {self.memory_mib!r}",
+        )
+        _check_path("root disk", self.root_disk)
+        _check_path("console log", self.console_log)
+        _check_path("guest agent socket", self.guest_agent_socket)
+        if self.seed_iso is not None:
+            _check_path("seed ISO", self.seed_iso)
+        if self.emulator is not None:
+            _check_path("emulator", self.emulator)
+        _require(self.domain_type in ("kvm", "qemu"), f"domain type {self.domain_type!r}")
+        _require(self.cpu_model in ("", "host-model"), f"cpu model {self.cpu_model!r}")
+        _require(self.machine == "pc", f"machine {self.machine!r}: only 'pc' is supported")
+        _require(self.disk_bus in ("virtio", "scsi"), f"disk bus {self.disk_bus!r}")
+        _require(self.disk_cache in ("none", "writeback"), f"disk cache {self.disk_cache!r}")
+        if self.system_uuid is not None:
+            _require(
+                self.system_uuid == self.uuid,
+                f"system uuid {self.system_uuid!r} must equal the domain uuid {self.uuid!r}",
+            )
+        taps = [i.target_dev for i in self.interfaces]
+        _require(len(taps) == len(set(taps)), "two interfaces share a tap")
+        macs = [i.mac for i in self.interfaces]
+        _require(len(macs) == len(set(macs)), "two interfaces share a MAC address")
+
+    @property
+    def root_disk_target(self) -> str:
+        return "vda" if self.disk_bus == "virtio" else "sda"
+
+    @property
+    def host_model_cpu(self) -> bool:
+        """host-model only means something under KVM; under TCG QEMU's default CPU is used."""
+        return self.cpu_model == "host-model" and self.domain_type == "kvm"
+
+
+def render_domain(
+    spec: DomainSpec,
+    template_dirs: Sequence[Path | str] | None = None,
+    *,
+    template_name: str = DOMAIN_TEMPLATE,
+) -> str:
+    """The domain XML of `spec`, from the first `template_name` found in `template_dirs`."""
+    dirs = default_template_dirs() if template_dirs is None else template_dirs
+    env = template_environment(dirs, autoescape=True)
+    return env.get_template(template_name).render(
+        spec=spec,
+        metadata_ns=METADATA_NS,
+        guest_agent_channel=GUEST_AGENT_CHANNEL,
+    )
+
+
+def parse_metadata(domain_xml: str) -> DomainMetadata | None:
+    """Our `<metadata>` element from a domain's XML, or None if the domain is not ours."""
+    root = ET.fromstring(domain_xml)
+    pod = root.find(f"./metadata/{{{METADATA_NS}}}pod")
+    if pod is None:
+        return None
+
+    def text(tag: str) -> str:
+        el = pod.find(f"{{{METADATA_NS}}}{tag}")
+        return "" if el is None or el.text is None else el.text
+
+    attempt = text("attempt")
+    return DomainMetadata(
+        sandbox_id=text("sandbox-id"),
+        pod_name=text("name"),
+        pod_namespace=text("namespace"),
+        pod_tenant=text("tenant"),
+        attempt=int(attempt) if attempt.isdigit() else 0,
+    )
