@@ -386,11 +386,24 @@ def _parse_ssh_keys(annotations: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _reject_aliases(text: str) -> None:
-    """Refuse YAML anchors/aliases: a few aliases can expand into gigabytes once dumped."""
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+# libyaml's loader: fast, and its parser refuses nesting deeper than 1000 by itself; the
+# pure-Python one is quadratic on deep flow nesting and recurses in its composer.
+_YAML_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_YAML_DEPTH = 64
+
+
+def _check_yaml_structure(text: str) -> None:
+    """Refuse aliases (a few can expand to gigabytes once dumped) and deep nesting."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_YAML_LOADER):
         if isinstance(event, yaml.AliasEvent):
             raise ValueError("YAML aliases (*name) are not allowed")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ValueError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def _parse_yaml_mapping(annotations: Mapping[str, str], name: str) -> dict[str, Any] | None:
@@ -398,8 +411,8 @@ def _parse_yaml_mapping(annotations: Mapping[str, str], name: str) -> dict[str, 
     if raw is None:
         return None
     try:
-        _reject_aliases(raw)
-        value = yaml.safe_load(raw)
+        _check_yaml_structure(raw)
+        value = yaml.load(raw, Loader=_YAML_LOADER)  # CSafeLoader or SafeLoader
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise _bad(name, f"not valid YAML: {first}") from None
