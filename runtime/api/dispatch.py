@@ -107,9 +107,9 @@ def _unary(
         try:
             if isinstance(request, _Rejected):
                 raise errors.InvalidArgument(request.message)
+            validation.check(name, request)
             if fn is None:
                 raise Unimplemented(f"{full} is not implemented by arktos-vm-runtime")
-            validation.check(name, request)
             return await fn(request, Call(name, api_version, pb, context))
         except errors.RuntimeError_ as e:
             code, detail = status_code(e), e.message

@@ -80,7 +80,7 @@ class JournalHandler(logging.Handler):
                 SYSLOG_IDENTIFIER=self._identifier,
                 LOGGER=record.name,
                 CODE_FILE=record.pathname,
-                CODE_LINE=str(record.lineno),
+                CODE_LINE=record.lineno,
                 CODE_FUNC=record.funcName,
                 **fields,
             )

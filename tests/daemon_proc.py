@@ -1,0 +1,158 @@
+"""Runs the real daemon as a child process on a real unix socket, for tests and benches.
+
+The daemon is started with its own NOTIFY_SOCKET so that tests can wait for READY=1 and
+read every sd_notify message it sends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+from arktos_vm_runtime.api.gen.v1 import api_pb2 as v1
+from arktos_vm_runtime.api.gen.v1 import api_pb2_grpc as v1_grpc
+from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2 as v1alpha2
+from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2_grpc as v1alpha2_grpc
+
+APIS: dict[str, tuple[ModuleType, ModuleType]] = {
+    "v1alpha2": (v1alpha2, v1alpha2_grpc),
+    "v1": (v1, v1_grpc),
+}
+PYTHON = sys.executable
+
+
+class NotifyListener:
+    """A real NOTIFY_SOCKET: a datagram socket collecting sd_notify messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[tuple[float, str]] = []
+
+    def drain(self, timeout: float = 0.0) -> list[str]:
+        """Reads what arrived; waits up to timeout for the first message."""
+        got = []
+        self.sock.settimeout(timeout if timeout > 0 else 0.001)
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except (TimeoutError, BlockingIOError):
+                break
+            msg = data.decode()
+            self.messages.append((time.monotonic(), msg))
+            got.append(msg)
+            self.sock.settimeout(0.001)
+        return got
+
+    def wait_for(self, needle: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        for _, m in self.messages:
+            if needle in m:
+                return m
+        while time.monotonic() < deadline:
+            for m in self.drain(min(0.5, deadline - time.monotonic())):
+                if needle in m:
+                    return m
+        raise AssertionError(f"no sd_notify message with {needle!r} within {timeout} s; "
+                             f"got {[m for _, m in self.messages]}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, tmp: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 libvirt_uri: str = "test:///default", notify: bool = True) -> None:
+        self.tmp = tmp
+        self.socket = str(tmp / "run" / "virtlet.sock")
+        self.state_dir = str(tmp / "state")
+        self.cni_dir = tmp / "cni"
+        self.cni_dir.mkdir(exist_ok=True)
+        self.log = tmp / "daemon.log"
+        self.notify = NotifyListener(tmp / "notify.sock") if notify else None
+        self.argv = [PYTHON, "-m", "arktos_vm_runtime", "serve", "--listen", self.socket,
+                     "--state-dir", self.state_dir, "--libvirt-uri", libvirt_uri,
+                     "--cni-conf-dir", str(self.cni_dir), *args]
+        self.env = dict(os.environ, **(env or {}))
+        if self.notify:
+            self.env["NOTIFY_SOCKET"] = str(self.notify.path)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._channel: grpc.Channel | None = None
+
+    def start(self, wait: bool = True, timeout: float = 20.0) -> Daemon:
+        self._logf = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._logf,
+                                     stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        if self.notify:
+            try:
+                self.notify.wait_for("READY=1", timeout)
+                return
+            except AssertionError:
+                raise AssertionError(f"daemon not ready: {self.output()}") from None
+        while time.monotonic() < deadline:
+            if os.path.exists(self.socket):
+                return
+            assert self.proc and self.proc.poll() is None, self.output()
+            time.sleep(0.05)
+        raise AssertionError(f"daemon socket never appeared: {self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"unix:{self.socket}")
+        return self._channel
+
+    def runtime(self, api: str) -> Any:
+        return APIS[api][1].RuntimeServiceStub(self.channel)
+
+    def images(self, api: str) -> Any:
+        return APIS[api][1].ImageServiceStub(self.channel)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        rc = 0
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+        elif self.proc is not None:
+            rc = self.proc.returncode
+        if self.notify:
+            self.notify.close()
+        if hasattr(self, "_logf"):
+            self._logf.close()
+        return rc
+
+
+def run_cli(*args: str, timeout: float = 30.0,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "arktos_vm_runtime", *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
