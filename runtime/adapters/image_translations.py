@@ -113,14 +113,14 @@ def _parse_rule(raw: object, where: str) -> TranslationRule:
 def parse_translation_document(doc: object, source: str) -> TranslationSet:
     """Turn one loaded YAML document into a TranslationSet; ValueError says what is wrong."""
     if not isinstance(doc, dict):
-        raise ValueError(f"{source}: the document must be a mapping")
+        raise ValueError("the document must be a mapping")
     prefix = doc.get("prefix") or ""
     if not isinstance(prefix, str) or prefix.startswith("/") or prefix.endswith("/"):
-        raise ValueError(f"{source}: 'prefix' must be a string without leading/trailing '/'")
+        raise ValueError("'prefix' must be a string without leading/trailing '/'")
     raw_rules = doc.get("translations")
     if not isinstance(raw_rules, list):
-        raise ValueError(f"{source}: 'translations' must be a list")
-    rules = tuple(_parse_rule(r, f"{source}: rule {i}") for i, r in enumerate(raw_rules))
+        raise ValueError("'translations' must be a list")
+    rules = tuple(_parse_rule(r, f"rule {i}") for i, r in enumerate(raw_rules))
     return TranslationSet(source=source, prefix=prefix, rules=rules)
 
 
@@ -158,9 +158,7 @@ class ImageTranslator:
             except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as exc:
                 log.warning("skipping image translation file %s: %s", path, exc)
         self._sets = tuple(sets)
-        log.info(
-            "loaded %d image translation file(s) from %s", len(self._sets), self.directory
-        )
+        log.info("loaded %d image translation file(s) from %s", len(self._sets), self.directory)
 
     def translate(self, name: str) -> str | None:
         """The URL for ``name`` (tag and digest already stripped), or None if no rule matches."""
