@@ -7,8 +7,12 @@ import json
 from typing import Any
 
 from .. import __version__
+from ..errors import InvalidArgument
 from ..service.core import Core
 from ..service.health import Condition
+from ..service.pods import ContainerInput, now_ns
+from ..service.records import SANDBOX_READY, SandboxRecord
+from . import convert
 from .dispatch import Call
 
 # The kubelet checks this exact value (the CRI's own version field).
@@ -51,3 +55,99 @@ class RuntimeServicer:
     async def UpdateRuntimeConfig(self, request: Any, call: Call) -> Any:
         # The pod CIDR belongs to the CNI plugin's configuration; nothing to keep here.
         return call.pb.UpdateRuntimeConfigResponse()
+
+    # -- sandboxes ------------------------------------------------------------------------
+
+    async def RunPodSandbox(self, request: Any, call: Call) -> Any:
+        cfg = request.config
+        md = cfg.metadata
+        sb = SandboxRecord(
+            id=md.uid, name=md.name, namespace=md.namespace, uid=md.uid,
+            tenant=getattr(md, "tenant", ""), attempt=md.attempt, state=SANDBOX_READY,
+            created_at=now_ns(), hostname=cfg.hostname, log_directory=cfg.log_directory,
+            runtime_handler=request.runtime_handler, labels=dict(cfg.labels),
+            annotations=dict(cfg.annotations))
+        sid = await asyncio.to_thread(self.core.pods.run_sandbox, sb)
+        return call.pb.RunPodSandboxResponse(pod_sandbox_id=sid)
+
+    async def StopPodSandbox(self, request: Any, call: Call) -> Any:
+        await asyncio.to_thread(self.core.pods.stop_sandbox, request.pod_sandbox_id)
+        return call.pb.StopPodSandboxResponse()
+
+    async def RemovePodSandbox(self, request: Any, call: Call) -> Any:
+        await asyncio.to_thread(self.core.pods.remove_sandbox, request.pod_sandbox_id)
+        return call.pb.RemovePodSandboxResponse()
+
+    async def PodSandboxStatus(self, request: Any, call: Call) -> Any:
+        sb = self.core.pods.sandbox(request.pod_sandbox_id)
+        return call.pb.PodSandboxStatusResponse(status=convert.sandbox_status(call, sb))
+
+    async def ListPodSandbox(self, request: Any, call: Call) -> Any:
+        f = request.filter
+        out = []
+        for sb in self.core.pods.sandboxes():
+            if f.id and sb.id != f.id:
+                continue
+            if f.HasField("state") and call.pb.PodSandboxState.Value(sb.state) != f.state.state:
+                continue
+            if not convert.labels_match(sb.labels, f.label_selector):
+                continue
+            out.append(convert.sandbox(call, sb))
+        return call.pb.ListPodSandboxResponse(items=out)
+
+    # -- containers -----------------------------------------------------------------------
+
+    async def CreateContainer(self, request: Any, call: Call) -> Any:
+        cfg = request.config
+        linux = cfg.linux.resources if cfg.HasField("linux") else None
+        sandbox_annotations = (dict(request.sandbox_config.annotations)
+                               if request.HasField("sandbox_config") else None)
+        c = ContainerInput(
+            name=cfg.metadata.name, attempt=cfg.metadata.attempt, image=cfg.image.image,
+            log_path=cfg.log_path, labels=dict(cfg.labels), annotations=dict(cfg.annotations),
+            envs=[(e.key, e.value) for e in cfg.envs], sandbox_annotations=sandbox_annotations,
+            cpu_period=linux.cpu_period if linux else 0,
+            cpu_quota=linux.cpu_quota if linux else 0,
+            memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0)
+        if not c.image:
+            raise InvalidArgument("CreateContainer: field config.image.image must not be empty")
+        cid = await asyncio.to_thread(self.core.pods.create_container, request.pod_sandbox_id, c)
+        return call.pb.CreateContainerResponse(container_id=cid)
+
+    async def StartContainer(self, request: Any, call: Call) -> Any:
+        await asyncio.to_thread(self.core.pods.start_container, request.container_id)
+        return call.pb.StartContainerResponse()
+
+    async def StopContainer(self, request: Any, call: Call) -> Any:
+        if request.timeout < 0:
+            raise InvalidArgument("StopContainer: field timeout must not be negative")
+        await asyncio.to_thread(self.core.pods.stop_container, request.container_id,
+                                int(request.timeout))
+        return call.pb.StopContainerResponse()
+
+    async def RemoveContainer(self, request: Any, call: Call) -> Any:
+        await asyncio.to_thread(self.core.pods.remove_container, request.container_id)
+        return call.pb.RemoveContainerResponse()
+
+    async def ListContainers(self, request: Any, call: Call) -> Any:
+        f = request.filter
+        out = []
+        for c in self.core.pods.containers():
+            if f.id and c.id != f.id:
+                continue
+            if f.pod_sandbox_id and c.sandbox_id != f.pod_sandbox_id:
+                continue
+            if f.HasField("state") and call.pb.ContainerState.Value(c.state) != f.state.state:
+                continue
+            if not convert.labels_match(c.labels, f.label_selector):
+                continue
+            out.append(convert.container(call, c))
+        return call.pb.ListContainersResponse(containers=out)
+
+    async def ContainerStatus(self, request: Any, call: Call) -> Any:
+        c = self.core.pods.container(request.container_id)
+        return call.pb.ContainerStatusResponse(status=convert.container_status(call, c))
+
+    async def ReopenContainerLog(self, request: Any, call: Call) -> Any:
+        self.core.pods.reopen_log(request.container_id)
+        return call.pb.ReopenContainerLogResponse()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 
 import grpc
 
@@ -40,8 +41,8 @@ class Daemon:
         self._relay: sockets.Relay | None = None
         self._owned_socket: str | None = None
 
-    async def _bind(self, server: grpc.aio.Server, state: StateDir) -> None:
-        inherited = sockets.inherited_socket()
+    async def _bind(self, server: grpc.aio.Server, state: StateDir,
+                    inherited: socket.socket | None) -> None:
         if inherited is not None:
             target = state.private_socket
             sockets.clear_stale(target)
@@ -50,7 +51,6 @@ class Daemon:
             self._relay = sockets.Relay(inherited, target)
             log.info("socket activation: relaying systemd's socket to %s", target)
             return
-        sockets.prepare_path(self.settings.listen)
         with sockets.private_umask():
             self._add_port(server, self.settings.listen)
         self._owned_socket = self.settings.listen
@@ -97,7 +97,12 @@ class Daemon:
 
     async def run(self) -> int:
         state = StateDir(self.settings.state_dir)
+        core: Core | None = None
         try:
+            # Socket problems are found before anything else is set up.
+            inherited = sockets.inherited_socket()
+            if inherited is None:
+                sockets.prepare_path(self.settings.listen)
             libvirt = LibvirtConnection(self.settings.libvirt_uri)
             core = Core(self.settings, state, libvirt)
             server = grpc.aio.server(options=[
@@ -108,7 +113,7 @@ class Daemon:
             server.add_generic_rpc_handlers(
                 all_handlers(RuntimeServicer(core), ImageServicer(core))
             )
-            await self._bind(server, state)
+            await self._bind(server, state, inherited)
             await server.start()
             if self._relay is not None:
                 await self._relay.start()
@@ -136,6 +141,8 @@ class Daemon:
         finally:
             if self._owned_socket is not None:
                 sockets.remove_socket(self._owned_socket)
+            if core is not None:
+                core.close()
             state.close()
             self.notifier.close()
 

@@ -1,13 +1,24 @@
-"""The runtime's service layer as one object: settings, state, health, and the managers
-that later issues add (sandboxes, containers, images, networking). The API layer talks
-only to this object."""
+"""The runtime's service layer as one object: settings, state, health, pods and images.
+The API layer talks only to this object."""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from pathlib import Path
+
+from ..adapters.domain_xml import default_template_dirs
+from ..adapters.image_store import ImageRecord, ImageStore
+from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
+from ..adapters.libvirt_domains import Domains
 from ..config import Settings
 from .health import Condition, LibvirtHealth, cni_condition
+from .pods import Pods
 from .statedir import StateDir
+
+log = logging.getLogger(__name__)
 
 
 class Core:
@@ -16,6 +27,19 @@ class Core:
         self.state = state
         self.libvirt = libvirt
         self.health = LibvirtHealth(libvirt, settings.libvirt_probe_timeout)
+        self.domains = Domains(libvirt)
+        translations_dir = Path(settings.image_translations_dir)
+        schemes = {"https", "http"} | ({"file"} if settings.allow_local_images else set())
+        self.images = ImageStore(
+            state.root / "images", download_protocol=settings.image_download_protocol,
+            allowed_schemes=frozenset(schemes),
+            translations=ImageTranslator(translations_dir) if translations_dir.is_dir()
+            else None)
+        self.pods = Pods(settings, state.store, self.domains, self.images,
+                         state.root / "vms", default_template_dirs(settings.template_dir))
+        self.health.on_healthy(self.pods.ensure_reconciled)
+        self._pulls: dict[str, tuple[int, int | None, float]] = {}
+        self._pulls_lock = threading.Lock()
 
     def runtime_condition(self) -> Condition:
         return self.health.condition
@@ -23,13 +47,44 @@ class Core:
     def network_condition(self) -> Condition:
         return cni_condition(self.settings.cni_conf_dir)
 
+    def pull(self, name: str, cancel: threading.Event) -> ImageRecord:
+        started = time.monotonic()
+
+        def progress(done: int, total: int | None) -> None:
+            with self._pulls_lock:
+                self._pulls[name] = (done, total, started)
+
+        try:
+            return self.images.pull(name, cancel=cancel, progress=progress)
+        finally:
+            with self._pulls_lock:
+                self._pulls.pop(name, None)
+
+    def _pull_summary(self) -> str:
+        with self._pulls_lock:
+            pulls = list(self._pulls.items())
+        parts = []
+        for name, (done, total, started) in pulls:
+            rate = done / max(time.monotonic() - started, 1e-3) / 2**20
+            of = f"/{total / 2**20:.1f}" if total else ""
+            parts.append(f"pulling {name[-60:]}: {done / 2**20:.1f}{of} MiB at {rate:.1f} MiB/s")
+        return "; ".join(parts)
+
     def summary(self) -> str:
         """The one-line STATUS= shown by `systemctl status`."""
         rt = self.runtime_condition()
         net = self.network_condition()
+        running = sum(c.state == "CONTAINER_RUNNING" for c in self.pods.containers())
         parts = [
             f"serving CRI v1alpha2+v1 on {self.settings.listen}",
             "libvirt ok" if rt.ok else f"libvirt: {rt.reason}",
             "network ok" if net.ok else f"network: {net.reason}",
+            f"{running} VMs running",
         ]
+        pulls = self._pull_summary()
+        if pulls:
+            parts.append(pulls)
         return "; ".join(parts)
+
+    def close(self) -> None:
+        self.images.close()

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..adapters.libvirt_conn import LibvirtConnection
@@ -48,7 +49,12 @@ class LibvirtHealth:
         self._timeout = probe_timeout
         self._state = Condition(False, "LibvirtNotChecked", "libvirt has not been probed yet")
         self._probe_started: float | None = None
+        self._on_healthy: list[Callable[[], None]] = []
         self.version = ""
+
+    def on_healthy(self, callback: Callable[[], None]) -> None:
+        """Runs callback in the probe thread after each successful probe."""
+        self._on_healthy.append(callback)
 
     @property
     def condition(self) -> Condition:
@@ -77,4 +83,11 @@ class LibvirtHealth:
         if new.ok != self._state.ok:
             log.log(logging.INFO if new.ok else logging.WARNING, "libvirt: %s", new.message)
         self._state = new
-        self._probe_started = None
+        try:
+            if new.ok:
+                for callback in self._on_healthy:
+                    callback()
+        except Exception:
+            log.exception("a libvirt reconnect hook failed")
+        finally:
+            self._probe_started = None

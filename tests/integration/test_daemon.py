@@ -253,10 +253,9 @@ def test_journald_native_protocol_carries_structured_fields(short_tmp: Path) -> 
             d.proc = subprocess.Popen(d.argv, env=d.env, stdout=f, stderr=f)
             d.wait_ready()
             pb, _ = APIS["v1alpha2"]
-            import grpc as _grpc
-            with pytest.raises(_grpc.RpcError):
-                d.runtime("v1alpha2").StopContainer(
-                    pb.StopContainerRequest(container_id="abc123"), timeout=5)
+            # Stopping a container that is not there succeeds, and is logged.
+            d.runtime("v1alpha2").StopContainer(
+                pb.StopContainerRequest(container_id="abc123"), timeout=5)
             entries = []
             journal.settimeout(3)
             deadline = time.monotonic() + 5

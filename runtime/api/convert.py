@@ -1,0 +1,88 @@
+"""Records of the service layer to CRI messages, for whichever API version was called.
+
+Both versions share field names for everything used here; a field only one version has
+(the Arktos `tenant`, `resources`) is set only when the message has it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..adapters.image_store import ImageRecord
+from ..service.records import ContainerRecord, SandboxRecord
+from .dispatch import Call
+
+
+def has(msg_cls: Any, field: str) -> bool:
+    return field in msg_cls.DESCRIPTOR.fields_by_name
+
+
+def sandbox_metadata(call: Call, sb: SandboxRecord) -> Any:
+    md = call.pb.PodSandboxMetadata(name=sb.name, uid=sb.uid, namespace=sb.namespace,
+                                    attempt=sb.attempt)
+    if has(call.pb.PodSandboxMetadata, "tenant"):
+        md.tenant = sb.tenant
+    return md
+
+
+def sandbox(call: Call, sb: SandboxRecord) -> Any:
+    return call.pb.PodSandbox(
+        id=sb.id, metadata=sandbox_metadata(call, sb),
+        state=call.pb.PodSandboxState.Value(sb.state), created_at=sb.created_at,
+        labels=sb.labels, annotations=sb.annotations, runtime_handler=sb.runtime_handler)
+
+
+def sandbox_status(call: Call, sb: SandboxRecord) -> Any:
+    return call.pb.PodSandboxStatus(
+        id=sb.id, metadata=sandbox_metadata(call, sb),
+        state=call.pb.PodSandboxState.Value(sb.state), created_at=sb.created_at,
+        network=call.pb.PodSandboxNetworkStatus(ip=""),
+        labels=sb.labels, annotations=sb.annotations, runtime_handler=sb.runtime_handler)
+
+
+def _cmeta(call: Call, c: ContainerRecord) -> Any:
+    return call.pb.ContainerMetadata(name=c.name, attempt=c.attempt)
+
+
+def container(call: Call, c: ContainerRecord) -> Any:
+    return call.pb.Container(
+        id=c.id, pod_sandbox_id=c.sandbox_id, metadata=_cmeta(call, c),
+        image=call.pb.ImageSpec(image=c.image), image_ref=c.image_ref,
+        state=call.pb.ContainerState.Value(c.state), created_at=c.created_at,
+        labels=c.labels, annotations=c.annotations)
+
+
+def _linux_resources(call: Call, c: ContainerRecord) -> Any:
+    return call.pb.LinuxContainerResources(
+        cpu_period=c.cpu_period, cpu_quota=c.cpu_quota,
+        memory_limit_in_bytes=c.memory_limit_in_bytes)
+
+
+def container_status(call: Call, c: ContainerRecord) -> Any:
+    status = call.pb.ContainerStatus(
+        id=c.id, metadata=_cmeta(call, c), state=call.pb.ContainerState.Value(c.state),
+        created_at=c.created_at, started_at=c.started_at, finished_at=c.finished_at,
+        exit_code=c.exit_code, image=call.pb.ImageSpec(image=c.image), image_ref=c.image_ref,
+        reason=c.reason, message=c.message, labels=c.labels, annotations=c.annotations,
+        log_path=c.log_path)
+    field = call.pb.ContainerStatus.DESCRIPTOR.fields_by_name.get("resources")
+    if field is not None:
+        if field.message_type.name == "LinuxContainerResources":  # Arktos v1alpha2
+            status.resources.CopyFrom(_linux_resources(call, c))
+        else:  # v1: ContainerResources{linux}
+            status.resources.linux.CopyFrom(_linux_resources(call, c))
+    return status
+
+
+def labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def image(call: Call, rec: ImageRecord) -> Any:
+    digests = [f"{n}@{rec.id}" for n in rec.names]
+    return call.pb.Image(id=rec.id, repo_tags=rec.names, repo_digests=digests, size=rec.size)
+
+
+def images(call: Call, recs: Iterable[ImageRecord]) -> list[Any]:
+    return [image(call, r) for r in recs]

@@ -1,0 +1,85 @@
+"""What the runtime remembers of each sandbox and container, as stored in the state store.
+
+Times are nanoseconds since the epoch, as the CRI wants them. States use the CRI's names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, TypeVar
+
+from ..errors import InvalidArgument
+
+SANDBOX_READY, SANDBOX_NOTREADY = "SANDBOX_READY", "SANDBOX_NOTREADY"
+CREATING = "CREATING"  # written before the first side effect; never shown to callers
+CREATED, RUNNING, EXITED, UNKNOWN = (
+    "CONTAINER_CREATED", "CONTAINER_RUNNING", "CONTAINER_EXITED", "CONTAINER_UNKNOWN")
+
+# A pod UID as Kubernetes makes them (a UUID), or the ids crictl and tests use.
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+R = TypeVar("R", bound="_Record")
+
+
+def check_id(what: str, value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise InvalidArgument(
+            f"{what} {value[:80]!r} must be 1-128 characters of [A-Za-z0-9_.-], "
+            "starting with a letter or digit")
+    return value
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict[str, Any]) -> R:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclasses.dataclass
+class SandboxRecord(_Record):
+    id: str
+    name: str
+    namespace: str
+    uid: str
+    tenant: str
+    attempt: int
+    state: str
+    created_at: int
+    hostname: str = ""
+    log_directory: str = ""
+    runtime_handler: str = ""
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    annotations: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ContainerRecord(_Record):
+    id: str
+    sandbox_id: str
+    name: str
+    attempt: int
+    state: str
+    created_at: int
+    image: str  # the name the kubelet asked for
+    image_ref: str  # sha256:<hex> of the stored image
+    vm_dir: str
+    log_path: str = ""  # absolute: the sandbox's log_directory joined with the config's
+    started_at: int = 0
+    finished_at: int = 0
+    exit_code: int = 0
+    reason: str = ""
+    message: str = ""
+    vcpus: int = 1
+    memory_mib: int = 0
+    cpu_period: int = 0
+    cpu_quota: int = 0
+    memory_limit_in_bytes: int = 0
+    console_offset: int = 0
+    stop_requested: bool = False
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    annotations: dict[str, str] = dataclasses.field(default_factory=dict)
