@@ -1,0 +1,91 @@
+"""Shared pieces of the VM pod tests: a loopback image server, libvirtd, pod configs."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import re
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CRI_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z stdout [FP] .*$")
+
+
+def require_libvirtd() -> None:
+    r = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, (
+        "these tests need a running libvirtd with QEMU (tools/setup starts one): "
+        + r.stderr.strip())
+
+
+@contextmanager
+def image_server(files: dict[str, Path]) -> Iterator[str]:
+    """Serves the given files on 127.0.0.1; yields 'host:port'."""
+    root = Path(next(iter(files.values()))).parent
+    for name, path in files.items():
+        assert path.parent == root, "serve files from one directory"
+        assert path.name == name
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                          functools.partial(Quiet, directory=str(root)))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+
+
+def log_text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def domain_names() -> list[str]:
+    r = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                       capture_output=True, text=True, check=True)
+    return [n for n in r.stdout.split() if n]
+
+
+def sandbox_config(pb: Any, log_dir: Path, annotations: dict[str, str] | None = None,
+                   name: str = "vm-pod") -> Any:
+    md = pb.PodSandboxMetadata(name=name, uid=str(uuid.uuid4()), namespace="default",
+                               attempt=0)
+    if "tenant" in pb.PodSandboxMetadata.DESCRIPTOR.fields_by_name:
+        md.tenant = "tenant-a"
+    return pb.PodSandboxConfig(metadata=md, hostname=name, log_directory=str(log_dir),
+                               labels={"app": "vm"}, annotations=annotations or {})
+
+
+def container_config(pb: Any, image: str, memory_mib: int = 256,
+                     envs: dict[str, str] | None = None) -> Any:
+    return pb.ContainerConfig(
+        metadata=pb.ContainerMetadata(name="vm", attempt=0),
+        image=pb.ImageSpec(image=image), log_path="vm/0.log", tty=True, stdin=True,
+        labels={"role": "guest"},
+        envs=[pb.KeyValue(key=k, value=v) for k, v in (envs or {}).items()],
+        linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(
+            cpu_period=100000, cpu_quota=100000,
+            memory_limit_in_bytes=memory_mib * 2**20)))
