@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from tests.guest.images import minimal_guest
 
 from tests.daemon_proc import APIS, Daemon
-from tests.guest.images import minimal_guest
 from tests.integration.vmpods import (
     CRI_LINE,
     container_config,
