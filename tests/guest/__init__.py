@@ -1,0 +1,1 @@
+"""Test guests built from Debian packages (see images.py and shared/guest-image.md)."""

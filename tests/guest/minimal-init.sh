@@ -1,0 +1,109 @@
+#!/bin/sh
+# /init of the minimal test guest (busybox, no root filesystem). Runs as PID 1 until poweroff.
+# Console contract (tests and benches wait for these lines on the serial console ttyS0):
+#   MINIMAL-GUEST-NET eth0 ADDR/PREFIX   eth0 configured (only when an address was given)
+#   MINIMAL-GUEST-UP                     ready: modules loaded, network configured
+#   MINIMAL-GUEST-POWEROFF               ACPI power button or poweroff seen, powering off
+# Network, first match wins:
+#   kernel command line  avr.ip=ADDR/PREFIX [avr.gw=GW] | avr.ip=dhcp
+#   NoCloud seed (iso9660 cidata CD-ROM or disk): first IPv4 CIDR (or address + netmask) and
+#   gateway/gateway4/via in network-config (v1 or v2), dhcp4: true / type: dhcp;
+#   local-hostname from meta-data. A best-effort reader, not a YAML parser: it serves the
+#   runtime's own seeds, which put one interface first.
+
+export PATH=/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /run /tmp /seed /var/log
+mount -t devpts devpts /dev/pts
+
+con=/dev/ttyS0
+say() { echo "$*" >"$con"; }
+
+# Powering off: acpid (power button) and busybox's own poweroff both end up here, because
+# poweroff without -f signals PID 1 with SIGUSR2 and the button handler runs poweroff.
+off() {
+    say MINIMAL-GUEST-POWEROFF
+    sync
+    poweroff -f
+}
+trap off USR2 TERM
+
+# modules.dep holds the dependencies; -a loads them all, quietly skipping none missing.
+modprobe -a virtio_pci virtio_net virtio_blk virtio_scsi virtio_console \
+    ata_piix sd_mod sr_mod isofs button evdev 2>/dev/null
+
+ip link set lo up
+hostname minimal
+
+param() { # value of NAME=... on the kernel command line
+    read -r cmdline </proc/cmdline
+    for w in $cmdline; do
+        case $w in "$1"=*) echo "${w#*=}"; return 0 ;; esac
+    done
+    return 1
+}
+
+ip4='([0-9]{1,3}\.){3}[0-9]{1,3}'
+seed_net() { # prints "ADDR/PREFIX GW" or "dhcp" from a NoCloud seed, if one is attached
+    for dev in /dev/sr0 /dev/sr1 /dev/vd? /dev/sd?; do
+        [ -b "$dev" ] || continue
+        mount -t iso9660 -o ro "$dev" /seed 2>/dev/null || continue
+        if [ -f /seed/meta-data ]; then
+            h=$(sed -n 's/^local-hostname:[[:space:]]*//p' /seed/meta-data | tr -d "\"' ")
+            [ -n "$h" ] && hostname "$h"
+            nc=/seed/network-config
+            if [ -f "$nc" ]; then
+                if grep -qE 'dhcp4:[[:space:]]*(true|yes)|type:[[:space:]]*dhcp' "$nc"; then
+                    echo dhcp
+                else
+                    a=$(grep -oE "$ip4/[0-9]{1,2}" "$nc" | grep -v '^0\.0\.0\.0/' | head -n1)
+                    if [ -z "$a" ]; then
+                        a=$(sed -nE "s/^[[:space:]-]*address:[[:space:]]*($ip4)[[:space:]]*$/\1/p" "$nc" | head -n1)
+                        m=$(sed -nE "s/^[[:space:]-]*netmask:[[:space:]]*($ip4).*/\1/p" "$nc" | head -n1)
+                        [ -n "$a" ] && [ -n "$m" ] && a="$a/$(ipcalc -p "$a" "$m" | cut -d= -f2)"
+                    fi
+                    g=$(grep -E '(gateway4?|via):' "$nc" | grep -oE "$ip4" | head -n1)
+                    [ -n "$a" ] && echo "$a $g"
+                fi
+            fi
+            umount /seed
+            return 0
+        fi
+        umount /seed
+    done
+}
+
+net=
+if addr=$(param avr.ip); then
+    net="$addr $(param avr.gw)"
+else
+    net=$(seed_net)
+fi
+if [ -n "$net" ]; then
+    # shellcheck disable=SC2086  # split "ADDR GW" into $1 $2
+    set -- $net
+    ip link set eth0 up
+    if [ "$1" = dhcp ]; then
+        # -q: exit once leased; -n: do not fail the boot without a DHCP server.
+        udhcpc -i eth0 -q -n -t 5 -s /etc/udhcpc.script >/dev/null 2>&1
+        say "MINIMAL-GUEST-NET eth0 $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+    else
+        ip addr add "$1" dev eth0
+        [ -n "$2" ] && ip route add default via "$2"
+        say "MINIMAL-GUEST-NET eth0 $1"
+    fi
+fi
+
+# The power button arrives as an input event (button + evdev); busybox acpid maps it to
+# /etc/acpi/PWRF/00000080, which signals us.
+acpid -c /etc/acpi -l /var/log/acpid.log
+
+say MINIMAL-GUEST-UP
+
+# wait returns when a trapped signal arrives; sleep alone would delay the trap.
+while :; do
+    sleep 3600 &
+    wait $!
+done
