@@ -22,6 +22,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2 as pb
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2_grpc as pb_grpc
 

@@ -14,7 +14,7 @@ from tests.daemon_proc import Daemon
 def short_tmp() -> Iterator[Path]:
     """A short private directory: unix socket paths must stay under 108 bytes."""
     d = Path(tempfile.mkdtemp(prefix="avr-", dir="/tmp"))
-    d.chmod(0o700)
+    d.chmod(0o711)  # QEMU (libvirt-qemu) must traverse it to reach VM disks
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

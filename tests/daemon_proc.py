@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import grpc
+
 from arktos_vm_runtime.api.gen.v1 import api_pb2 as v1
 from arktos_vm_runtime.api.gen.v1 import api_pb2_grpc as v1_grpc
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2 as v1alpha2
@@ -68,6 +69,7 @@ class NotifyListener:
 
     def close(self) -> None:
         self.sock.close()
+        self.path.unlink(missing_ok=True)
 
 
 class Daemon:

@@ -3,9 +3,10 @@
 virtlogd writes the raw console to a file of the VM's (it survives our restarts and
 rotates it); one thread here follows every running VM's raw file and appends each line
 in the CRI format `RFC3339Nano stdout F|P line` to the container's log path. The offset
-reached is saved so a restarted daemon resumes where it stopped (a line may repeat after
-kill -9, none is lost). The raw file is kept open, so a rotation by virtlogd is noticed
-by its inode changing, after the old file has been read to the end.
+reached is saved right after each write, so a restarted daemon resumes where it stopped:
+none is lost, and only a kill -9 in the instant between a write and its save repeats it.
+The raw file is kept open, so a rotation by virtlogd is noticed by its inode changing,
+after the old file has been read to the end.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 
 POLL = 0.2
 MAX_LINE = 16 * 1024  # longer lines are split into P(artial) records, as CRI-O does
-SAVE_EVERY = 1.0
 
 
 def cri_timestamp(ns: int | None = None) -> str:
@@ -57,7 +57,6 @@ class _Follower:
         self.dst: int | None = None
         self.pending = b""
         self.saved_offset = offset
-        self.saved_at = 0.0
         self.reopen_wanted = False
 
     def _open_src(self) -> None:
@@ -147,9 +146,8 @@ class ConsoleLogs:
             f.poll()
         except OSError as e:
             log.warning("console log of %s: %s", cid, e, extra={"CONTAINER_ID": cid})
-        now = time.monotonic()
-        if f.offset != f.saved_offset and now - f.saved_at >= SAVE_EVERY:
-            f.saved_offset, f.saved_at = f.offset, now
+        if f.offset != f.saved_offset:
+            f.saved_offset = f.offset
             try:
                 self._save(cid, f.offset)
             except Exception:
