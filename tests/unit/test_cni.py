@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from arktos_vm_runtime.adapters import cni
 from arktos_vm_runtime.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from arktos_vm_runtime.service.vmconfig import NicInfo, nics_to_json, parse_vm_config
@@ -217,7 +218,8 @@ def test_missing_plugin_is_unavailable(tmp_path: Path, runner: cni.CNI) -> None:
 
 
 def test_del_runs_every_plugin_then_raises(tmp_path: Path, runner: cni.CNI) -> None:
-    cfg = conflist(tmp_path, {"type": "record", "recordDir": str(tmp_path)}, {"type": "fail"})
+    cfg = conflist(tmp_path, {"type": "record", "recordDir": str(tmp_path)},
+                   {"type": "fail", "failDel": True})
     with pytest.raises(Unavailable, match="fail DEL"):
         runner.delete(cfg, rt(), None)
     assert [c["CNI_COMMAND"] for c in calls(tmp_path)] == ["DEL"]

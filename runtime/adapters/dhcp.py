@@ -1,0 +1,165 @@
+"""A DHCP server inside a pod's network namespace: one dnsmasq per pod, static leases only.
+
+The guest's address comes from CNI; dnsmasq only repeats it: each VM NIC gets a
+`dhcp-host` (its MAC to its CNI address, infinite lease, so no renewal ever has to reach
+the server), with the router, classless routes, DNS and MTU the CNI interface had. The
+bridge of each NIC carries one link-local /32 (`SERVER_ADDRESS`), the only address in the
+namespace: dnsmasq needs an address to answer from, and `shared-network` lets it hand out
+the pod's subnet on a bridge that has no address in it. DNS is off (port=0), nothing is
+written (leasefile-ro), and dnsmasq drops to nobody after binding port 67.
+
+The configuration file is rewritten whole and dnsmasq restarted on every change (a NIC
+hot-plugged or removed): a restart takes ~30 ms and leases are static, so no guest notices.
+dnsmasq is a child of the daemon's cgroup: a daemon restart under systemd ends it, and
+`PodNetworks.restore` starts it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import Internal
+from . import netns
+
+log = logging.getLogger(__name__)
+
+DNSMASQ = "dnsmasq"
+SERVER_ADDRESS = "169.254.253.1"
+ALT_SERVER_ADDRESS = "169.254.253.2"
+CONF_NAME = "dnsmasq.conf"
+PID_NAME = "dnsmasq.pid"
+LOG_NAME = "dnsmasq.log"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class DhcpHost:
+    """One VM NIC as DHCP describes it."""
+
+    tag: str  # a word naming the NIC in the config (p0, p1, ...)
+    bridge: str
+    mac: str
+    address: str  # IPv4 CIDR
+    gateway: str = ""
+    routes: tuple[tuple[str, str], ...] = ()  # IPv4 (dst CIDR, via)
+    dns_servers: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
+    mtu: int | None = None
+
+
+def server_address(taken: Sequence[str]) -> str:
+    """The link-local address for the bridges, one the pod itself does not use."""
+    used = {a.split("/")[0] for a in taken}
+    return SERVER_ADDRESS if SERVER_ADDRESS not in used else ALT_SERVER_ADDRESS
+
+
+def render_conf(hosts: Sequence[DhcpHost], netdir: Path) -> str:
+    lines = [
+        "# written by arktos-vm-runtime; rewritten on every change",
+        "port=0",
+        "no-resolv",
+        "no-hosts",
+        "leasefile-ro",
+        "except-interface=lo",
+        f"pid-file={netdir / PID_NAME}",
+        f"log-facility={netdir / LOG_NAME}",
+        "user=nobody",
+        "group=nogroup",
+    ]
+    for h in hosts:
+        iface = ipaddress.ip_interface(h.address)
+        net = iface.network
+        lines += [
+            f"dhcp-range=set:{h.tag},{net.network_address},static,{net.netmask},infinite",
+            f"shared-network={h.bridge},{net.network_address}",
+            f"dhcp-host={h.mac},set:{h.tag},{iface.ip},infinite",
+        ]
+        classless = [(d, v) for d, v in h.routes if v]
+        if classless:
+            # RFC 3442: a client given option 121 ignores option 3, so the default goes in too
+            if h.gateway:
+                classless.insert(0, ("0.0.0.0/0", h.gateway))
+            flat = ",".join(f"{d},{v}" for d, v in classless)
+            lines.append(f"dhcp-option=tag:{h.tag},option:classless-static-route,{flat}")
+        if h.gateway:
+            lines.append(f"dhcp-option=tag:{h.tag},option:router,{h.gateway}")
+        else:
+            lines.append(f"dhcp-option=tag:{h.tag},option:router")  # none, not dnsmasq's own
+        if h.dns_servers:
+            lines.append(f"dhcp-option=tag:{h.tag},option:dns-server,{','.join(h.dns_servers)}")
+        else:
+            lines.append(f"dhcp-option=tag:{h.tag},option:dns-server")
+        if h.dns_search:
+            lines.append(f"dhcp-option=tag:{h.tag},option:domain-search,{','.join(h.dns_search)}")
+        if h.mtu and h.mtu != 1500:
+            lines.append(f"dhcp-option=tag:{h.tag},option:mtu,{h.mtu}")
+    return "\n".join(lines) + "\n"
+
+
+def _pid(netdir: Path) -> int | None:
+    """dnsmasq's pid if it runs with this directory's config, else None."""
+    try:
+        pid = int((netdir / PID_NAME).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    conf = f"--conf-file={netdir / CONF_NAME}".encode()
+    if not cmdline or not cmdline[0].endswith(DNSMASQ.encode()) or conf not in cmdline:
+        return None  # the pid was reused by someone else
+    return pid
+
+
+def running(netdir: Path) -> bool:
+    return _pid(netdir) is not None
+
+
+def stop(netdir: Path) -> None:
+    """Stops this pod's dnsmasq, if it runs; safe to repeat."""
+    pid = _pid(netdir)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _pid(netdir) == pid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _pid(netdir) == pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    (netdir / PID_NAME).unlink(missing_ok=True)
+
+
+def start(ns: str, netdir: Path, hosts: Sequence[DhcpHost]) -> None:
+    """(Re)starts the pod's dnsmasq with a config for `hosts`; with no hosts, stops it."""
+    stop(netdir)
+    if not hosts:
+        (netdir / CONF_NAME).unlink(missing_ok=True)
+        return
+    conf = netdir / CONF_NAME
+    tmp = conf.with_suffix(".tmp")
+    tmp.write_text(render_conf(hosts, netdir))
+    tmp.chmod(0o644)
+    os.replace(tmp, conf)
+    argv = netns.exec_argv(ns, [DNSMASQ, f"--conf-file={conf}"])
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=START_TIMEOUT, check=False)
+    except FileNotFoundError:
+        raise Internal("the ip command (package iproute2) is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise Internal(f"dnsmasq did not start in {START_TIMEOUT:.0f} s") from None
+    if r.returncode != 0:
+        err = r.stderr.decode("utf-8", "replace").strip()
+        if "No such file" in err or "not found" in err:
+            err += " (install the dnsmasq-base package)"
+        raise Internal(f"dnsmasq failed to start in {ns}: {err[-1000:]}")
+    log.debug("dnsmasq serves %d NICs in %s", len(hosts), ns)

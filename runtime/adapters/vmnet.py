@@ -1,0 +1,320 @@
+"""Joining a VM NIC at layer 2 to a CNI interface in the pod's network namespace.
+
+QEMU runs in libvirtd's (the root) namespace and libvirt opens a tap by name there, while
+CNI puts the pod's interface in the pod's namespace. The route taken here (measured in
+shared/guest-image.md and by tests/integration/test_network_vm.py):
+
+1. `wire`, after CNI ADD: in the pod namespace a bridge (`avbrN`) is made; the CNI
+   interface's addresses and routes are read and then taken off it (the guest owns them
+   now), its MAC is given to the guest and it gets a fresh one, and it is enslaved. The
+   bridge carries only the DHCP server's link-local /32. A persistent tap (`tap_name`) is
+   created in the root namespace for the domain's `<interface type='ethernet'>`.
+2. `move_opened_taps`, after the domain started: each tap QEMU has opened (it has carrier)
+   moves into the pod namespace and joins the bridge. QEMU's fd keeps working; the tap now
+   lives and dies with the pod's namespace, outside the root namespace.
+3. `ensure_taps`, before a (re)start: a persistent tap outlives QEMU closing it and stays
+   in the pod namespace; libvirt would then find no tap by that name in its namespace
+   ("target managed='no' but specified dev doesn't exist"). An unopened tap found in the
+   pod namespace is deleted and a fresh one made in the root namespace.
+
+A daemon restart changes nothing (QEMU holds the fd, the tap is in the pod namespace);
+a tap left in the root namespace by a crash between start and move is moved by
+`move_opened_taps` from `PodNetworks.restore`. A libvirtd restart leaves QEMU and its fds
+alone. On hot-unplug QEMU closes the fd and the persistent tap stays; `unwire` deletes it.
+
+The libvirt helpers at the end take a connection getter and act only on our domains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import secrets
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import libvirt
+
+from ..errors import Internal, NotFound, Unavailable
+from . import netns
+from .domain_xml import InterfaceSpec
+from .libvirt_domains import PREFIX
+
+log = logging.getLogger(__name__)
+
+TAP_PREFIX = "avt"
+BRIDGE_PREFIX = "avbr"
+DETACH_TIMEOUT = 20.0
+
+ConnGetter = Callable[[], libvirt.virConnect]
+
+
+def tap_name(sandbox_id: str, slot: int) -> str:
+    """`avt` + 8 hex digits of the sandbox id's hash + slot: at most 15 characters."""
+    if not 0 <= slot < 4096:
+        raise Internal(f"NIC slot {slot} out of range")
+    return f"{TAP_PREFIX}{hashlib.sha256(sandbox_id.encode()).hexdigest()[:8]}{slot:x}"
+
+
+def bridge_name(slot: int) -> str:
+    return f"{BRIDGE_PREFIX}{slot}"
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC."""
+    b = bytearray(secrets.token_bytes(6))
+    b[0] = (b[0] & 0xFC) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+@dataclass(frozen=True)
+class Port:
+    """One VM NIC and the CNI interface it stands in for."""
+
+    ifname: str  # the CNI interface in the pod namespace
+    slot: int
+    bridge: str
+    tap: str
+    guest_mac: str  # the CNI interface's MAC, now the guest's
+    mtu: int
+    addresses: tuple[str, ...] = ()  # CIDRs
+    gateways: tuple[str, ...] = ()
+    routes: tuple[tuple[str, str], ...] = field(default=())  # (dst CIDR, via)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Port:
+        return cls(ifname=d["ifname"], slot=int(d["slot"]), bridge=d["bridge"], tap=d["tap"],
+                   guest_mac=d["guest_mac"], mtu=int(d["mtu"]),
+                   addresses=tuple(d.get("addresses", ())),
+                   gateways=tuple(d.get("gateways", ())),
+                   routes=tuple((str(a), str(b)) for a, b in d.get("routes", ())))
+
+    @property
+    def interface_spec(self) -> InterfaceSpec:
+        return InterfaceSpec(target_dev=self.tap, mac=self.guest_mac)
+
+    @property
+    def ipv4(self) -> list[str]:
+        return [a for a in self.addresses if ipaddress.ip_interface(a).version == 4]
+
+
+# --- reading the CNI interface ------------------------------------------------------------
+
+
+def _addresses(ns: str, ifname: str) -> list[str]:
+    data = netns.ip("addr", "show", "dev", ifname, netns=ns, json_out=True)
+    out = []
+    for entry in data:
+        for a in entry.get("addr_info", []):
+            if a.get("family") in ("inet", "inet6") and a.get("scope") == "global":
+                out.append(f"{a['local']}/{a['prefixlen']}")
+    return out
+
+
+def _routes(ns: str, ifname: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(default gateways, other routes with a gateway) on the interface."""
+    gateways: list[str] = []
+    routes: list[tuple[str, str]] = []
+    for family in ("-4", "-6"):
+        for r in netns.ip(family, "route", "show", "dev", ifname, netns=ns, json_out=True):
+            via = r.get("gateway")
+            dst = r.get("dst", "")
+            if not via:
+                continue  # on-link routes: the subnet's own, or ones the guest cannot take
+            if dst == "default":
+                if via not in gateways:
+                    gateways.append(via)
+            else:
+                if "/" not in dst:
+                    dst += "/32" if family == "-4" else "/128"
+                routes.append((dst, via))
+    return gateways, routes
+
+
+# --- wiring ---------------------------------------------------------------------------------
+
+
+def wire(ns: str, ifname: str, sandbox_id: str, slot: int, server_address: str) -> Port:
+    """Bridges the CNI interface `ifname` for a VM NIC and makes its tap (see module doc)."""
+    info = netns.link(ifname, ns)
+    if info is None:
+        raise Internal(f"CNI interface {ifname} is not in {ns}")
+    mac = str(info.get("address", "")).lower()
+    mtu = int(info.get("mtu", 1500))
+    addresses = _addresses(ns, ifname)
+    gateways, routes = _routes(ns, ifname)
+    port = Port(ifname=ifname, slot=slot, bridge=bridge_name(slot),
+                tap=tap_name(sandbox_id, slot), guest_mac=mac, mtu=mtu,
+                addresses=tuple(addresses), gateways=tuple(gateways), routes=tuple(routes))
+    br = port.bridge
+    if netns.link(br, ns) is not None:
+        netns.delete_link(br, ns)  # left by an attempt cut short
+    netns.ip("link", "add", br, "type", "bridge", netns=ns)
+    # No IPv6 link-local addresses on the namespace's side: it is not a host on this wire.
+    for dev in (br, ifname):
+        netns.ip("link", "set", "dev", dev, "addrgenmode", "none", netns=ns, check=False)
+    netns.ip("link", "set", "dev", br, "address", random_mac(), "mtu", str(mtu), netns=ns)
+    netns.ip("addr", "flush", "dev", ifname, netns=ns)
+    netns.ip("link", "set", "dev", ifname, "down", netns=ns)
+    netns.ip("link", "set", "dev", ifname, "address", random_mac(), netns=ns)
+    netns.ip("link", "set", "dev", ifname, "master", br, "up", netns=ns)
+    netns.ip("addr", "add", f"{server_address}/32", "dev", br, netns=ns)
+    netns.ip("link", "set", "dev", br, "up", netns=ns)
+    make_tap(port)
+    return port
+
+
+def make_tap(port: Port) -> None:
+    """The port's tap in the root namespace, up, ready for libvirt to open."""
+    if netns.link(port.tap) is not None:
+        netns.delete_link(port.tap)  # a leftover of ours: names derive from the sandbox id
+    netns.ip("tuntap", "add", "dev", port.tap, "mode", "tap")
+    netns.ip("link", "set", "dev", port.tap, "addrgenmode", "none", check=False)
+    netns.ip("link", "set", "dev", port.tap, "mtu", str(port.mtu), "up")
+
+
+def _opened(link: dict[str, Any]) -> bool:
+    """A tap has carrier exactly while a process (QEMU) holds it open."""
+    flags = link.get("flags", [])
+    return "NO-CARRIER" not in flags and "UP" in flags
+
+
+def unwire(ns: str, port: Port) -> None:
+    """Deletes the port's tap wherever it is and its bridge; safe to repeat."""
+    netns.delete_link(port.tap)
+    netns.delete_link(port.tap, ns)
+    netns.delete_link(port.bridge, ns)
+
+
+def move_opened_taps(ns: str, ports: Sequence[Port]) -> list[str]:
+    """Moves each tap that QEMU opened from the root namespace to the bridge in `ns`.
+
+    Returns the taps moved. A tap QEMU has not opened stays where libvirt looks for it.
+    """
+    moved = []
+    for port in ports:
+        link = netns.link(port.tap)
+        if link is None or not _opened(link):
+            continue
+        netns.ip("link", "set", "dev", port.tap, "netns", ns)
+        netns.ip("link", "set", "dev", port.tap, "addrgenmode", "none", netns=ns, check=False)
+        netns.ip("link", "set", "dev", port.tap, "master", port.bridge, "mtu", str(port.mtu),
+                 "up", netns=ns)
+        moved.append(port.tap)
+    return moved
+
+
+def ensure_taps(ns: str, ports: Sequence[Port]) -> None:
+    """Before the domain starts: every port's tap unopened in the root namespace."""
+    for port in ports:
+        inside = netns.link(port.tap, ns)
+        if inside is not None:
+            if _opened(inside):
+                log.info("tap %s is in use in %s; leaving it", port.tap, ns)
+                continue
+            netns.delete_link(port.tap, ns)
+        if netns.link(port.tap) is None:
+            make_tap(port)
+
+
+def tap_location(ns: str, port: Port) -> str:
+    """'netns' (bridged, the normal state of a running VM), 'root' or 'missing'."""
+    if netns.link(port.tap, ns) is not None:
+        return "netns"
+    if netns.link(port.tap) is not None:
+        return "root"
+    return "missing"
+
+
+# --- libvirt: live attach and detach --------------------------------------------------------
+
+
+def interface_xml(spec: InterfaceSpec) -> str:
+    el = ET.Element("interface", type="ethernet")
+    ET.SubElement(el, "mac", address=spec.mac)
+    ET.SubElement(el, "target", dev=spec.target_dev, managed="no")
+    ET.SubElement(el, "model", type=spec.model)
+    return ET.tostring(el, encoding="unicode")
+
+
+def _domain(get_conn: ConnGetter, uuid: str) -> libvirt.virDomain:
+    try:
+        dom = get_conn().lookupByUUIDString(uuid)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise NotFound(f"the VM {uuid} does not exist") from None
+        raise Unavailable(f"libvirt lookup of {uuid} failed: {e}") from e
+    if not dom.name().startswith(PREFIX):
+        raise Internal(f"domain {dom.name()} has uuid {uuid} but is not ours; not touching it")
+    return dom
+
+
+def _macs(dom: libvirt.virDomain, flags: int) -> list[str]:
+    root = ET.fromstring(dom.XMLDesc(flags))
+    return [m.get("address", "").lower() for m in root.findall("./devices/interface/mac")]
+
+
+def domain_macs(get_conn: ConnGetter, uuid: str) -> tuple[list[str] | None, list[str]]:
+    """(MACs of the running domain or None when it is not running, MACs of its definition)."""
+    dom = _domain(get_conn, uuid)
+    try:
+        live = _macs(dom, 0) if dom.isActive() else None
+        config = _macs(dom, libvirt.VIR_DOMAIN_XML_INACTIVE)
+    except libvirt.libvirtError as e:
+        raise Unavailable(f"reading the VM {uuid} failed: {e}") from e
+    return live, config
+
+
+def attach(get_conn: ConnGetter, uuid: str, spec: InterfaceSpec) -> bool:
+    """Adds the NIC to the domain's definition and, if it runs, to the running VM.
+
+    Returns True when it was plugged into a running VM.
+    """
+    dom = _domain(get_conn, uuid)
+    try:
+        live = bool(dom.isActive())
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if live:
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        dom.attachDeviceFlags(interface_xml(spec), flags)
+    except libvirt.libvirtError as e:
+        raise Unavailable(f"attaching NIC {spec.mac} to the VM {uuid} failed: {e}") from e
+    return live
+
+
+def detach(get_conn: ConnGetter, uuid: str, spec: InterfaceSpec,
+           timeout: float = DETACH_TIMEOUT) -> bool:
+    """Removes the NIC from the running VM and the definition; absent is success.
+
+    Waits up to `timeout` for the guest to release it; returns False if it did not (the
+    tap is deleted anyway, which leaves the guest's device with no backend).
+    """
+    try:
+        dom = _domain(get_conn, uuid)
+    except NotFound:
+        return True
+    xml = interface_xml(spec)
+    try:
+        if dom.isActive() and spec.mac in _macs(dom, 0):
+            dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        if spec.mac in _macs(dom, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        deadline = time.monotonic() + timeout
+        while dom.isActive() and spec.mac in _macs(dom, 0):
+            if time.monotonic() > deadline:
+                log.warning("the guest of %s did not release NIC %s in %.0f s", uuid, spec.mac,
+                            timeout, extra={"CONTAINER_ID": uuid})
+                return False
+            time.sleep(0.1)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return True
+        raise Unavailable(f"detaching NIC {spec.mac} from the VM {uuid} failed: {e}") from e
+    return True
