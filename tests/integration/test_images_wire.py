@@ -38,6 +38,15 @@ def server(qcow2: bytes) -> Iterator[tuple[str, dict[str, int]]]:
                 self.send_header("Content-Length", str(len(qcow2)))
                 self.end_headers()
                 self.wfile.write(qcow2)
+            elif self.path == "/slowish.qcow2":  # a whole image, over about 2 s
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(qcow2)))
+                self.end_headers()
+                step = len(qcow2) // 20 + 1
+                for i in range(0, len(qcow2), step):
+                    self.wfile.write(qcow2[i:i + step])
+                    self.wfile.flush()
+                    time.sleep(0.1)
             elif self.path == "/page.html":
                 body = b"<html>not a disk</html>" * 100
                 self.send_response(200)
@@ -139,3 +148,20 @@ def test_a_cancelled_pull_stops_and_leaves_nothing(
         time.sleep(0.1)
     assert _files(http_daemon) == []
     assert not img.ListImages(pb.ListImagesRequest(), timeout=5).images
+
+
+def test_sigterm_finishes_the_call_in_flight_then_exits_0(
+        http_daemon: Daemon, server: tuple[str, dict[str, int]]) -> None:
+    import signal
+
+    host, _ = server
+    pb, _ = APIS["v1"]
+    fut = http_daemon.images("v1").PullImage.future(
+        pb.PullImageRequest(image=pb.ImageSpec(image=f"{host}/slowish.qcow2")), timeout=60)
+    time.sleep(0.5)
+    http_daemon.signal(signal.SIGTERM)
+    assert fut.result().image_ref.startswith("sha256:"), "the pull in flight completed"
+    assert http_daemon.proc is not None and http_daemon.proc.wait(30) == 0
+    assert http_daemon.notify is not None
+    assert any("STOPPING=1" in m for m in http_daemon.notify.drain(1.0)
+               + [m for _, m in http_daemon.notify.messages])

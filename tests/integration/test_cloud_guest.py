@@ -1,0 +1,94 @@
+"""The main scenario with a real Debian guest and real cloud-init, through both CRI
+versions: the pod's user-data runcmd prints a line that must reach the pod's log file,
+then stop, start again, remove, and nothing left behind. Minutes under TCG: marked slow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_proc import APIS, Daemon
+from tests.guest.images import cloud_guest_image
+from tests.integration.vmpods import (
+    CRI_LINE,
+    container_config,
+    domain_names,
+    image_server,
+    log_text,
+    require_libvirtd,
+    sandbox_config,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+CLOUD_INIT_TIMEOUT = 300  # guest-image.md: ~45 s typical under TCG, up to 300 s
+
+
+@pytest.fixture(scope="module")
+def served_cloud_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require_libvirtd()
+    root = tmp_path_factory.mktemp("cloud")
+    (root / "guest.qcow2").symlink_to(cloud_guest_image())
+    with image_server({"guest.qcow2": root / "guest.qcow2"}) as host:
+        yield f"{host}/guest.qcow2"
+
+
+@pytest.mark.parametrize("api", ["v1alpha2", "v1"])
+def test_cloud_init_runcmd_line_reaches_the_pod_log(short_tmp: Path, served_cloud_image: str,
+                                                    api: str) -> None:
+    pb, _ = APIS[api]
+    marker = f"CLOUD-INIT-RUNCMD-{api}-OK"
+    d = Daemon(short_tmp, libvirt_uri="qemu:///system",
+               args=["--disable-kvm", "--image-download-protocol", "http"]).start()
+    try:
+        rt, img = d.runtime(api), d.images(api)
+        img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_cloud_image)),
+                      timeout=300)
+        log_dir = short_tmp / "pods"
+        # The runcmd echoes an env var the runtime wrote to /etc/cloud/environment, so the
+        # line proves user-data was merged and the container's envs arrived too.
+        annotations = {
+            "VirtletVCPUCount": "2",
+            "VirtletRootVolumeSize": "2Gi",
+            "VirtletCloudInitUserData": (
+                "runcmd:\n"
+                "  - [sh, -c, '. /etc/cloud/environment; echo \"$GREETING\" > /dev/ttyS0']\n"),
+        }
+        cfg = sandbox_config(pb, log_dir, annotations=annotations, name=f"cloud-{api}")
+        sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=30).pod_sandbox_id
+        cid = rt.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=sid, sandbox_config=cfg,
+            config=container_config(pb, served_cloud_image, memory_mib=512,
+                                    envs={"GREETING": marker})), timeout=120).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+        log_file = log_dir / "vm" / "0.log"
+        wait_for("cloud-init's runcmd line in the pod log",
+                 lambda: any(line.endswith(f"stdout F {marker}")
+                             for line in log_text(log_file).splitlines()),
+                 CLOUD_INIT_TIMEOUT, every=1)
+        assert all(CRI_LINE.match(x) for x in log_text(log_file).splitlines())
+        disk = Path(d.state_dir) / "vms" / cid / "root.qcow2"
+        info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)],
+                              capture_output=True, text=True, check=True).stdout
+        assert f'"virtual-size": {2 * 2**30}' in info, "root disk grown to VirtletRootVolumeSize"
+
+        rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=120), timeout=180)
+        st = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid), timeout=10).status
+        assert st.state == pb.CONTAINER_EXITED and st.exit_code == 0, (st.reason, st.message)
+
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
+        img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=served_cloud_image)),
+                        timeout=30)
+        assert not [n for n in domain_names() if cid in n]
+        assert not (Path(d.state_dir) / "vms" / cid).exists()
+        blobs = Path(d.state_dir) / "images" / "blobs" / "sha256"
+        assert not blobs.exists() or not any(blobs.iterdir())
+    finally:
+        d.stop()
+        shutil.rmtree(short_tmp / "pods", ignore_errors=True)
