@@ -280,9 +280,11 @@ def attach(get_conn: ConnGetter, uuid: str, spec: InterfaceSpec) -> bool:
     dom = _domain(get_conn, uuid)
     try:
         live = bool(dom.isActive())
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0
         if live:
             flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        if not flags:
+            raise Internal(f"the VM {uuid} is neither running nor defined")
         dom.attachDeviceFlags(interface_xml(spec), flags)
     except libvirt.libvirtError as e:
         raise Unavailable(f"attaching NIC {spec.mac} to the VM {uuid} failed: {e}") from e
@@ -304,7 +306,7 @@ def detach(get_conn: ConnGetter, uuid: str, spec: InterfaceSpec,
     try:
         if dom.isActive() and spec.mac in _macs(dom, 0):
             dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        if spec.mac in _macs(dom, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        if dom.isPersistent() and spec.mac in _macs(dom, libvirt.VIR_DOMAIN_XML_INACTIVE):
             dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         deadline = time.monotonic() + timeout
         while dom.isActive() and spec.mac in _macs(dom, 0):

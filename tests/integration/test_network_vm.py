@@ -1,0 +1,202 @@
+"""End to end: a real guest (the minimal busybox guest under TCG) on a pod network made by
+the real bridge + host-local plugins answers ping and TCP on its CNI address from a probe
+namespace: with a static address from the cloud-init seed, across a daemon restart, and
+after a stop and start with DHCP from the pod's dnsmasq. A NIC is hot-plugged into the
+running VM and unplugged again; afterwards nothing is left.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from arktos_vm_runtime.adapters import cloudinit, dhcp, vmnet
+from arktos_vm_runtime.service.network import NIC_FAILED, NIC_READY, PodNetworks
+from arktos_vm_runtime.service.vmconfig import NicInfo, parse_vm_config
+from tests.guest.images import minimal_guest
+from tests.integration.test_network_common import (
+    CNI_BIN,
+    PLUGINS,
+    CniTestNet,
+    cni_test_network,
+    ipj,
+    link_names,
+    netns_names,
+    sh,
+)
+from tests.integration.vmpods import require_libvirtd, wait_for
+
+pytestmark = pytest.mark.integration
+URI = "qemu:///system"
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised; no stderr noise
+BOOT_TIMEOUT = 120
+
+
+@pytest.fixture
+def net() -> Iterator[CniTestNet]:
+    require_libvirtd()
+    with cni_test_network() as n:
+        yield n
+
+
+def domain_xml(name: str, uid: str, kernel: Path, initrd: Path, cmdline: str, seed: Path,
+               console: Path, nic_xml: str) -> str:
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uid}</uuid>
+  <memory unit='MiB'>256</memory>
+  <vcpu>2</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline></os>
+  <features><acpi/><apic/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/><source file='{seed}'/>
+      <target dev='hdc' bus='ide'/><readonly/>
+    </disk>
+    {nic_xml}
+    <serial type='file'><source path='{console}' append='on'/><target port='0'/></serial>
+  </devices>
+</domain>"""
+
+
+def tcp_answers(netns: str, address: str, port: int) -> str:
+    """Connects from the probe namespace; the guest's kernel answers (accept or RST)."""
+    r = subprocess.run(["ip", "netns", "exec", netns, "busybox", "nc", "-w", "5", address,
+                        str(port)], input="", capture_output=True, text=True, timeout=30)
+    if r.returncode == 0:
+        return "open"
+    if "refused" in r.stderr:
+        return "refused"  # an RST from the guest: it answered
+    return r.stderr.strip()
+
+
+def rtt_ms(ping_output: str) -> float:
+    m = re.search(r"min/avg/max = [\d.]+/([\d.]+)/", ping_output)
+    assert m, ping_output
+    return float(m.group(1))
+
+
+def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> None:
+    guest = minimal_guest()
+    vmdir = Path(f"/tmp/avr-netvm-{net.tag}")
+    vmdir.mkdir(mode=0o755)
+    pn = PodNetworks(net.root / "state", conf_dir=str(net.conf_dir),
+                     bin_dirs=[CNI_BIN, str(PLUGINS)], libvirt_conn=lambda: conn)
+    conn = libvirt.open(URI)
+    sid = f"sb-{net.tag}"
+    uid = str(uuid.uuid4())
+    name = f"avr-{uid}"
+    console = vmdir / "console.log"
+    seed = vmdir / "seed.iso"
+    dom = None
+    figures: dict[str, float] = {}
+    try:
+        t = time.monotonic()
+        pod = pn.setup(sid, "tenant-a", "default", "vm-pod", parse_vm_config({"VPC": "v1"}))
+        figures["setup ms"] = (time.monotonic() - t) * 1000
+        vm_static = parse_vm_config({})
+        files = cloudinit.render_seed(vm_static, instance_id=uid, hostname="vm-pod", env=[],
+                                      network=pod.network_info)
+        cloudinit.write_seed_iso(files, "nocloud", seed)
+        nic_xml = "\n".join(vmnet.interface_xml(s) for s in pod.interfaces)
+        dom = conn.defineXML(domain_xml(name, uid, guest.kernel, guest.initrd, guest.cmdline,
+                                        seed, console, nic_xml))
+
+        def boot(n: int) -> None:
+            pn.before_vm_start(sid)
+            assert vmnet.tap_location(f"avr-{sid}", vmnet.Port.from_dict(
+                {"ifname": "eth0", "slot": 0, "bridge": "avbr0", "tap": pod.interfaces[0]
+                 .target_dev, "guest_mac": pod.interfaces[0].mac, "mtu": 1500})) == "root"
+            dom.create()
+            t = time.monotonic()
+            pn.after_vm_started(sid)
+            figures[f"tap move #{n} ms"] = (time.monotonic() - t) * 1000
+            wait_for(f"boot #{n}", lambda: console.exists()
+                     and console.read_text(errors="replace").count(guest.marker) >= n,
+                     BOOT_TIMEOUT)
+
+        # 1. static address from the seed's network-config
+        boot(1)
+        text = console.read_text(errors="replace")
+        assert f"MINIMAL-GUEST-NET eth0 {pod.ip}/24" in text
+        out = net.ping(pod.ip)
+        assert " 0% packet loss" in out, out
+        figures["ping avg ms (static)"] = rtt_ms(out)
+        assert tcp_answers(net.probe, pod.ip, 9) in ("refused", "open")
+
+        # 2. the daemon restarts (dnsmasq ended with it): the VM keeps answering
+        dhcp.stop(pn.root / sid)
+        pn2 = PodNetworks(net.root / "state", conf_dir=str(net.conf_dir),
+                          bin_dirs=[CNI_BIN, str(PLUGINS)], libvirt_conn=lambda: conn)
+        pn2.restore()
+        assert dhcp.running(pn.root / sid)
+        assert " 0% packet loss" in net.ping(pod.ip)
+        pn = pn2
+
+        # 3. hot-plug a NIC into the running VM, list it, unplug it
+        nic = NicInfo(name="eth1", port_id="port-2", ip_address=f"{net.prefix}77")
+        t = time.monotonic()
+        pn.attach_nic(sid, uid, nic)
+        figures["attach ms"] = (time.monotonic() - t) * 1000
+        tap1 = vmnet.tap_name(sid, 1)
+        link = ipj("-d", "link", "show", "dev", tap1, netns=f"avr-{sid}")[0]
+        assert link["master"] == "avbr1" and "NO-CARRIER" not in link["flags"]
+        live, config = vmnet.domain_macs(lambda: conn, uid)
+        assert live is not None and len(live) == 2 and len(config) == 2
+        assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == \
+            [("eth0", NIC_READY), ("eth1", NIC_READY)]
+        t = time.monotonic()
+        pn.detach_nic(sid, uid, "eth1")
+        figures["detach ms"] = (time.monotonic() - t) * 1000
+        live, config = vmnet.domain_macs(lambda: conn, uid)
+        assert live == config == [pod.interfaces[0].mac]
+        assert tap1 not in link_names(f"avr-{sid}") and tap1 not in link_names()
+        assert f"{net.prefix}77" not in net.ip_files()
+
+        # 4. stop and start (StopContainer, StartContainer), now with DHCP from dnsmasq
+        dom.destroy()
+        assert vmnet.tap_location(f"avr-{sid}", vmnet.Port.from_dict(
+            {"ifname": "eth0", "slot": 0, "bridge": "avbr0", "tap": pod.interfaces[0]
+             .target_dev, "guest_mac": "", "mtu": 1500})) == "netns"  # persistent, unopened
+        files = cloudinit.render_seed(parse_vm_config({"VirtletForceDHCPNetworkConfig": "true"}),
+                                      instance_id=uid, hostname="vm-pod", env=[],
+                                      network=pod.network_info)
+        cloudinit.write_seed_iso(files, "nocloud", seed)
+        boot(2)
+        text = console.read_text(errors="replace")
+        assert text.count(f"MINIMAL-GUEST-NET eth0 {pod.ip}/24") == 2, text[-2000:]
+        out = net.ping(pod.ip)
+        assert " 0% packet loss" in out, out
+        figures["ping avg ms (dhcp)"] = rtt_ms(out)
+        assert tcp_answers(net.probe, pod.ip, 9) in ("refused", "open")
+        dom.destroy()
+        assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == [("eth0", NIC_READY)]
+        dom.undefine()
+        dom = None
+        assert [n.state for n in pn.list_nics(sid, uid)] in ([NIC_READY], [NIC_FAILED])
+    finally:
+        if dom is not None:
+            try:
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+            except libvirt.libvirtError:
+                pass
+        t = time.monotonic()
+        pn.teardown(sid)
+        figures["teardown ms"] = (time.monotonic() - t) * 1000
+        conn.close()
+        sh("rm", "-rf", str(vmdir))
+    print("\n" + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    assert f"avr-{sid}" not in netns_names()
+    assert not [n for n in link_names() if n.startswith(vmnet.tap_name(sid, 0)[:-1])]
+    assert net.ip_files() == []
