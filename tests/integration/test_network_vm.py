@@ -79,6 +79,12 @@ def tcp_answers(netns: str, address: str, port: int) -> str:
     return r.stderr.strip()
 
 
+def guest_dhcps_hotplugged_nics() -> bool:
+    """Whether the minimal guest's /init runs udhcpc on NICs that appear after boot."""
+    init = Path(__file__).resolve().parents[1] / "guest" / "minimal-init.sh"
+    return "/sys/class/net/eth" in init.read_text()
+
+
 def rtt_ms(ping_output: str) -> float:
     m = re.search(r"min/avg/max = [\d.]+/([\d.]+)/", ping_output)
     assert m, ping_output
@@ -154,6 +160,14 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         assert live is not None and len(live) == 2 and len(config) == 2
         assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == \
             [("eth0", NIC_READY), ("eth1", NIC_READY)]
+        if guest_dhcps_hotplugged_nics():
+            wait_for("the guest to configure eth1", lambda: f"MINIMAL-GUEST-NET eth1 "
+                     f"{net.prefix}77/24" in console.read_text(errors="replace"), 60)
+            out = net.ping(f"{net.prefix}77")
+            assert " 0% packet loss" in out, out
+            figures["hot-plugged NIC ping avg ms"] = rtt_ms(out)
+        else:
+            print("\nminimal-init.sh does not DHCP hot-plugged NICs: eth1 not pinged")
         t = time.monotonic()
         pn.detach_nic(sid, uid, "eth1")
         figures["detach ms"] = (time.monotonic() - t) * 1000
@@ -171,14 +185,26 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
                                       instance_id=uid, hostname="vm-pod", env=[],
                                       network=pod.network_info)
         cloudinit.write_seed_iso(files, "nocloud", seed)
+        # a NIC attached while the VM is stopped goes into its definition only
+        pn.attach_nic(sid, uid, NicInfo(name="eth2", ip_address=f"{net.prefix}78"))
+        live, config = vmnet.domain_macs(lambda: conn, uid)
+        assert live is None and len(config) == 2
         boot(2)
+        for slot in (0, 2):  # both taps opened by QEMU and bridged in the pod namespace
+            link = ipj("-d", "link", "show", "dev", vmnet.tap_name(sid, slot),
+                       netns=f"avr-{sid}")[0]
+            assert link["master"] == f"avbr{slot}" and "NO-CARRIER" not in link["flags"]
         text = console.read_text(errors="replace")
         assert text.count(f"MINIMAL-GUEST-NET eth0 {pod.ip}/24") == 2, text[-2000:]
         out = net.ping(pod.ip)
         assert " 0% packet loss" in out, out
         figures["ping avg ms (dhcp)"] = rtt_ms(out)
         assert tcp_answers(net.probe, pod.ip, 9) in ("refused", "open")
+        assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == \
+            [("eth0", NIC_READY), ("eth2", NIC_READY)]
         dom.destroy()
+        pn.detach_nic(sid, uid, "eth2")  # from the stopped VM's definition
+        assert vmnet.domain_macs(lambda: conn, uid) == (None, [pod.interfaces[0].mac])
         assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == [("eth0", NIC_READY)]
         dom.undefine()
         dom = None
