@@ -206,12 +206,10 @@ def validate_nic(nic: NicInfo, vpc: str = "") -> None:
                                   "control characters, which CNI_ARGS cannot carry")
     if nic.ip_address:
         try:
-            addr = ipaddress.ip_address(nic.ip_address)
+            ipaddress.ip_address(nic.ip_address)
         except ValueError:
             raise InvalidArgument(
                 f"NicSpec.IpAddress {nic.ip_address[:60]!r} is not an IP address") from None
-        if addr.version == 6 and not nic.ipv6_enabled:
-            raise InvalidArgument(f"NicSpec.IpAddress {addr} is IPv6 but IsIpV6Enabled is false")
 
 
 def _check_sandbox_id(sandbox_id: str) -> None:
