@@ -233,6 +233,35 @@ def tap_location(ns: str, port: Port) -> str:
     return "missing"
 
 
+@dataclass(frozen=True)
+class InterfaceUsage:
+    """Counters of a CNI interface in the pod namespace: the pod's traffic, as a container
+    runtime reports its eth0 (libvirt cannot count a tap that left its namespace)."""
+
+    name: str
+    rx_bytes: int
+    rx_errors: int
+    tx_bytes: int
+    tx_errors: int
+
+
+def usage(ns: str, ifnames: Sequence[str]) -> list[InterfaceUsage]:
+    if not netns.exists(ns):
+        return []
+    out = []
+    for entry in netns.ip("-s", "link", "show", netns=ns, json_out=True):
+        if entry.get("ifname") not in ifnames:
+            continue
+        st = entry.get("stats64", {})
+        rx, tx = st.get("rx", {}), st.get("tx", {})
+        out.append(InterfaceUsage(name=entry["ifname"], rx_bytes=int(rx.get("bytes", 0)),
+                                  rx_errors=int(rx.get("errors", 0)),
+                                  tx_bytes=int(tx.get("bytes", 0)),
+                                  tx_errors=int(tx.get("errors", 0))))
+    out.sort(key=lambda u: list(ifnames).index(u.name))
+    return out
+
+
 # --- libvirt: live attach and detach --------------------------------------------------------
 
 

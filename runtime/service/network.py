@@ -689,6 +689,12 @@ class PodNetworks:
         return NetworkStatus(ip=ip, ips=ips, nics=tuple(self._nic_statuses(st, None)),
                              netns_present=netns.exists(st.netns))
 
+    def usage(self, sandbox_id: str) -> list[vmnet.InterfaceUsage]:
+        """ContainerStats / PodSandboxStats: byte and error counters of the pod's CNI
+        interfaces (primary first)."""
+        st = self._state(sandbox_id)
+        return vmnet.usage(st.netns, [p.ifname for p in st.ports()])
+
     def _libvirt(self) -> libvirt.virConnect:
         if self._conn is None:
             raise FailedPrecondition("no libvirt connection was given to PodNetworks")

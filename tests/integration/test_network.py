@@ -215,6 +215,8 @@ def test_dhcp_gives_the_guest_its_cni_address(net: CniTestNet) -> None:
         assert lease[:3] == [f"ip={pod.ip}", "mask=24", f"router={net.prefix}1"]
         # the probe on the CNI network reaches the "guest" through eth0 and the pod's bridge
         assert " 0% packet loss" in net.ping(pod.ip)
+        (use,) = pn.usage(sid)
+        assert use.name == "eth0" and use.rx_bytes > 3 * 84 and use.tx_bytes > 3 * 84
     finally:
         sh("ip", "netns", "delete", guest, check=False)
         pn.teardown(sid)
