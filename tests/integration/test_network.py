@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from arktos_vm_runtime.adapters import dhcp, vmnet
@@ -333,3 +334,46 @@ def test_bad_pod_name_is_invalid_and_leaves_nothing(net: CniTestNet) -> None:
         pn.setup(sid, "t", "default", "vm;evil=1", parse_vm_config({}))
     assert_nothing_left(net, sid, pn)
     assert net.calls() == []
+
+
+def test_nic_rolled_back_when_the_vm_cannot_take_it(net: CniTestNet) -> None:
+    conn = libvirt.open("test:///default")  # libvirt's test driver: no such domain there
+    pn = networks(net, libvirt_conn=lambda: conn)
+    sid = sandbox_id()
+    pn.setup(sid, "t", "default", "vm", parse_vm_config({}))
+    ns = f"avr-{sid}"
+    links_before, files_before = link_names(ns), net.ip_files()
+    try:
+        with pytest.raises(NotFound, match="does not exist"):
+            pn.attach_nic(sid, "6f1d3c1e-7a43-5b0e-9d2f-8a5c4e3b2a99",
+                          NicInfo(name="eth1", ip_address=f"{net.prefix}99"))
+        assert link_names(ns) == links_before and net.ip_files() == files_before
+        assert vmnet.tap_name(sid, 1) not in link_names()
+        assert [n.name for n in pn.list_nics(sid)] == ["eth0"]
+        dels = [c for c in net.calls() if c["CNI_COMMAND"] == "DEL"]
+        assert [c["CNI_IFNAME"] for c in dels] == ["eth1"]
+    finally:
+        pn.teardown(sid)
+        conn.close()
+    assert_nothing_left(net, sid, pn)
+
+
+def test_teardown_after_a_host_reboot_still_releases_the_address(net: CniTestNet) -> None:
+    pn = networks(net)
+    sid = sandbox_id()
+    pod = pn.setup(sid, "tenant-a", "default", "vm-pod", parse_vm_config(ANNOTATIONS))
+    # a reboot: /run is empty (no namespace, no dnsmasq, no tap); /var/lib keeps the state
+    dhcp.stop(pn.root / sid)
+    sh("ip", "netns", "delete", f"avr-{sid}")
+    sh("ip", "link", "delete", vmnet.tap_name(sid, 0))
+    assert net.ip_files() == [pod.ip]
+    pn = networks(net)
+    pn.restore()
+    assert not pn.status(sid).netns_present
+    assert not dhcp.running(pn.root / sid)
+    with pytest.raises(FailedPrecondition, match="gone"):
+        pn.before_vm_start(sid)
+    pn.teardown(sid)
+    dels = [c for c in net.calls() if c["CNI_COMMAND"] == "DEL"]
+    assert len(dels) == 1 and dels[0]["CNI_ARGS"] == net.calls()[0]["CNI_ARGS"]
+    assert_nothing_left(net, sid, pn)
