@@ -11,11 +11,14 @@ Deletes are safe to repeat: deleting a namespace or a link that is gone succeeds
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
+import socket
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -149,6 +152,38 @@ def delete_link(name: str, netns: str | None = None) -> None:
     if ip("link", "delete", "dev", name, netns=netns, check=False) is None \
             and link(name, netns) is not None:
         raise Internal(f"deleting link {name} in {netns or 'the root namespace'} failed")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def socket_in(name: str, family: int = socket.AF_INET6,
+              kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket that belongs to the namespace: made by a short-lived thread that entered
+    it with setns(2) (which moves only the calling thread). The socket stays in that
+    namespace for its life, whichever thread uses it."""
+    out: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(path(name)) as ns:
+                if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+            out.append(socket.socket(family, kind))
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=make, name=f"netns-{name}"[:15], daemon=True)
+    t.start()
+    t.join()
+    result = out[0]
+    if isinstance(result, BaseException):
+        if isinstance(result, FileNotFoundError):
+            raise Internal(f"network namespace {name} does not exist") from None
+        raise Internal(f"cannot make a socket in network namespace {name}: {result}")
+    return result
 
 
 def own_pid() -> str:

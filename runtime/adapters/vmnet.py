@@ -31,6 +31,7 @@ import hashlib
 import ipaddress
 import logging
 import secrets
+import socket
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -231,6 +232,50 @@ def tap_location(ns: str, port: Port) -> str:
     if netns.link(port.tap) is not None:
         return "root"
     return "missing"
+
+
+# --- reaching the guest from inside the pod namespace ------------------------------------
+# The namespace has no address in the pod's subnet (the guest has it), and a guest answers
+# an IPv4 source outside its subnet through its gateway, away from us. IPv6 link-local
+# works with no guest configuration: every Linux guest gives its NIC fe80::EUI-64(MAC)
+# (unless told to use stable-privacy addresses), and link-local replies stay on the link.
+
+
+def eui64_link_local(mac: str) -> str:
+    b = [int(x, 16) for x in mac.split(":")]
+    b[0] ^= 0x02
+    iid = [*b[:3], 0xFF, 0xFE, *b[3:]]
+    groups = [f"{iid[i] << 8 | iid[i + 1]:x}" for i in range(0, 8, 2)]
+    return str(ipaddress.IPv6Address("fe80::" + ":".join(groups)))
+
+
+def ensure_link_local(ns: str, bridge: str) -> int:
+    """Gives the bridge a random link-local address (no DAD: it is random) if it has none;
+    returns the bridge's ifindex, the scope id for sockets."""
+    data = netns.ip("addr", "show", "dev", bridge, netns=ns, json_out=True)
+    if not data:
+        raise Internal(f"bridge {bridge} is not in {ns}")
+    if not any(a.get("family") == "inet6" and a.get("scope") == "link"
+               for a in data[0].get("addr_info", [])):
+        iid = secrets.token_bytes(8)
+        groups = ":".join(f"{iid[i] << 8 | iid[i + 1]:x}" for i in range(0, 8, 2))
+        netns.ip("addr", "add", f"fe80::{groups}/64", "dev", bridge, "nodad", netns=ns)
+    return int(data[0]["ifindex"])
+
+
+def connect_guest(ns: str, port: Port, tcp_port: int, timeout: float) -> socket.socket:
+    """A TCP connection from inside the pod namespace to the guest's `tcp_port`, over the
+    NIC's link-local address. OSError (ConnectionRefusedError, TimeoutError...) as connect
+    raises it."""
+    scope = ensure_link_local(ns, port.bridge)
+    s = netns.socket_in(ns, socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect((eui64_link_local(port.guest_mac), tcp_port, 0, scope))
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 @dataclass(frozen=True)

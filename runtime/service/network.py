@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections import defaultdict
@@ -39,6 +40,7 @@ from ..errors import (
     InvalidArgument,
     NotFound,
     RuntimeError_,
+    Unavailable,
 )
 from .vmconfig import NicInfo, VMConfig, nics_to_json
 
@@ -688,6 +690,24 @@ class PodNetworks:
         ip, ips = self._ips(st)
         return NetworkStatus(ip=ip, ips=ips, nics=tuple(self._nic_statuses(st, None)),
                              netns_present=netns.exists(st.netns))
+
+    def connect_guest(self, sandbox_id: str, port: int, timeout: float = 10.0) -> socket.socket:
+        """PortForward's building block: a TCP connection from inside the pod's namespace
+        to `port` of the guest, on its primary NIC (IPv6 link-local, see vmnet).
+
+        Unavailable when the guest does not answer or refuses; FailedPrecondition when the
+        pod has no NIC or its namespace is gone.
+        """
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"port {port} is not a TCP port")
+        st = self._state(sandbox_id)
+        if not st.ports() or not netns.exists(st.netns):
+            raise FailedPrecondition(f"pod sandbox {sandbox_id} has no network to reach")
+        try:
+            return vmnet.connect_guest(st.netns, st.ports()[0], port, timeout)
+        except OSError as e:
+            raise Unavailable(f"port {port} of the VM of pod sandbox {sandbox_id}: "
+                              f"{e.strerror or e}") from e
 
     def usage(self, sandbox_id: str) -> list[vmnet.InterfaceUsage]:
         """ContainerStats / PodSandboxStats: byte and error counters of the pod's CNI

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from arktos_vm_runtime.adapters import dhcp, vmnet
+from arktos_vm_runtime.adapters import dhcp, netns, vmnet
 from arktos_vm_runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -218,6 +219,25 @@ def test_dhcp_gives_the_guest_its_cni_address(net: CniTestNet) -> None:
         assert " 0% packet loss" in net.ping(pod.ip)
         (use,) = pn.usage(sid)
         assert use.name == "eth0" and use.rx_bytes > 3 * 84 and use.tx_bytes > 3 * 84
+        # PortForward's way in: from inside the pod namespace to a port of the "guest"
+        listener = netns.socket_in(guest)
+        listener.bind(("::", 8080))
+        listener.listen(1)
+
+        def echo() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(conn.recv(100).upper())
+
+        t = threading.Thread(target=echo, daemon=True)
+        t.start()
+        with pn.connect_guest(sid, 8080, timeout=10) as s:
+            s.sendall(b"hello guest")
+            assert s.recv(100) == b"HELLO GUEST"
+        t.join(5)
+        listener.close()
+        with pytest.raises(Unavailable, match="refused"):
+            pn.connect_guest(sid, 8081, timeout=10)
     finally:
         sh("ip", "netns", "delete", guest, check=False)
         pn.teardown(sid)

@@ -18,6 +18,7 @@ import libvirt
 import pytest
 
 from arktos_vm_runtime.adapters import cloudinit, dhcp, vmnet
+from arktos_vm_runtime.errors import Unavailable
 from arktos_vm_runtime.service.network import NIC_FAILED, NIC_READY, PodNetworks
 from arktos_vm_runtime.service.vmconfig import NicInfo, parse_vm_config
 from tests.guest.images import minimal_guest
@@ -138,6 +139,9 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         assert " 0% packet loss" in out, out
         figures["ping avg ms (static)"] = rtt_ms(out)
         assert tcp_answers(net.probe, pod.ip, 9) in ("refused", "open")
+        # from inside the pod namespace (PortForward's way in): the guest's kernel answers
+        with pytest.raises(Unavailable, match="refused"):
+            pn.connect_guest(sid, 9, timeout=10)
 
         # 2. the daemon restarts (dnsmasq ended with it): the VM keeps answering
         dhcp.stop(pn.root / sid)
