@@ -55,10 +55,12 @@ ConnGetter = Callable[[], libvirt.virConnect]
 
 
 def tap_name(sandbox_id: str, slot: int) -> str:
-    """`avt` + 8 hex digits of the sandbox id's hash + slot: at most 15 characters."""
+    """`avt` + 9 hex digits of the sandbox id's hash + the slot in hex: at most 15
+    characters (IFNAMSIZ - 1). 36 bits: two pods of one node share a name with odds of
+    about 1e-5 per thousand pods, and `make_tap` refuses to take over a tap in use."""
     if not 0 <= slot < 4096:
         raise Internal(f"NIC slot {slot} out of range")
-    return f"{TAP_PREFIX}{hashlib.sha256(sandbox_id.encode()).hexdigest()[:8]}{slot:x}"
+    return f"{TAP_PREFIX}{hashlib.sha256(sandbox_id.encode()).hexdigest()[:9]}{slot:x}"
 
 
 def bridge_name(slot: int) -> str:
@@ -174,7 +176,10 @@ def wire(ns: str, ifname: str, sandbox_id: str, slot: int, server_address: str) 
 
 def make_tap(port: Port) -> None:
     """The port's tap in the root namespace, up, ready for libvirt to open."""
-    if netns.link(port.tap) is not None:
+    old = netns.link(port.tap)
+    if old is not None:
+        if _opened(old):
+            raise Internal(f"tap {port.tap} exists and is in use; not taking it over")
         netns.delete_link(port.tap)  # a leftover of ours: names derive from the sandbox id
     netns.ip("tuntap", "add", "dev", port.tap, "mode", "tap")
     netns.ip("link", "set", "dev", port.tap, "addrgenmode", "none", check=False)
