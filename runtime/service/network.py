@@ -353,7 +353,9 @@ class PodNetworks:
     def _wire(self, st: PodState, att: Attachment, wanted: Sequence[str]) -> None:
         """Bridges each CNI interface of the attachment's result for a VM NIC."""
         result = cni.parse_result(att.result or {})
-        names = [n for n in result.sandbox_interfaces() if n in wanted or not wanted]
+        # "lo": a conflist may run the loopback plugin, which reports it as a sandbox interface
+        names = [n for n in result.sandbox_interfaces()
+                 if n != "lo" and (n in wanted or not wanted)]
         if not names:
             names = [att.ifname]
         for ifname in names:
@@ -432,8 +434,8 @@ class PodNetworks:
                 netns.create(st.netns)
                 att.result = self.cni.add(st.config, self._rt(st, att))
                 self._save(st)
-                ns_addrs = [a for n in cni.parse_result(att.result).ips for a in [n.address]]
-                st.server_address = dhcp.server_address(ns_addrs)
+                st.server_address = dhcp.server_address(
+                    [ipc.address for ipc in cni.parse_result(att.result).ips])
                 self._wire(st, att, ())
                 self._restart_dhcp(st)
                 att.state = READY

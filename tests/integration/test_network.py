@@ -397,3 +397,19 @@ def test_teardown_after_a_host_reboot_still_releases_the_address(net: CniTestNet
     dels = [c for c in net.calls() if c["CNI_COMMAND"] == "DEL"]
     assert len(dels) == 1 and dels[0]["CNI_ARGS"] == net.calls()[0]["CNI_ARGS"]
     assert_nothing_left(net, sid, pn)
+
+
+def test_a_conflist_with_the_loopback_plugin(net: CniTestNet) -> None:
+    path = net.conf_dir / "10-avrtest.conflist"
+    conf = json.loads(path.read_text())
+    conf["plugins"].insert(0, {"type": "loopback"})
+    path.write_text(json.dumps(conf))
+    pn = networks(net)
+    sid = sandbox_id()
+    try:
+        pod = pn.setup(sid, "t", "default", "vm", parse_vm_config({}))
+        assert [i.name for i in pod.network_info.interfaces] == ["eth0"]
+        assert pod.ip.startswith(net.prefix)
+    finally:
+        pn.teardown(sid)
+    assert_nothing_left(net, sid, pn)
