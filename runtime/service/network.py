@@ -9,6 +9,18 @@ arguments and the stored result, after a daemon restart and after a host reboot 
 an ADD cut short by a crash is still followed by its DEL.
 
 One lock per sandbox serialises its changes; status answers from memory.
+
+Where the pod lifecycle calls it:
+  daemon start            restore()  (again on libvirt reconnects: it is idempotent)
+  RunPodSandbox           setup(sandbox_id, tenant, namespace, name, vm) -> PodNetwork
+  CreateContainer         network(sandbox_id): .network_info for render_seed,
+                          .interfaces for DomainSpec (every (re)definition of the domain)
+  StartContainer          before_vm_start(id); domain start; after_vm_started(id)
+                          (and around anything else that starts a new QEMU process)
+  PodSandboxStatus        status(sandbox_id): .ip, .ips, .nics
+  Stop/RemovePodSandbox   teardown(sandbox_id), after the VM is stopped
+  Attach/Detach/ListNetworkInterfaces  attach_nic / detach_nic / list_nics
+  stats, PortForward      usage(sandbox_id), connect_guest(sandbox_id, port)
 """
 
 from __future__ import annotations
