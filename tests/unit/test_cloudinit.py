@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from arktos_vm_runtime.adapters import cloudinit as ci
 from arktos_vm_runtime.adapters.cloudinit import (
     NetInterface,

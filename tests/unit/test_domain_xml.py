@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 import libvirt
 import pytest
+
 from arktos_vm_runtime.adapters import domain_xml as dx
 from arktos_vm_runtime.adapters.cloudinit import render_seed, write_seed_iso
 from arktos_vm_runtime.adapters.domain_xml import (

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from arktos_vm_runtime.adapters.image_store import (
     ImageStore,
     check_location,

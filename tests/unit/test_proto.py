@@ -15,12 +15,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor as FD
+
 from arktos_vm_runtime.api.gen.v1 import api_pb2 as v1
 from arktos_vm_runtime.api.gen.v1 import api_pb2_grpc as v1_grpc
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2 as v1a2
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2_grpc as v1a2_grpc
-from google.protobuf import json_format
-from google.protobuf.descriptor import FieldDescriptor as FD
 
 REPO = Path(__file__).resolve().parents[2]
 DEBIAN_PYTHON = "/usr/bin/python3"

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
 from arktos_vm_runtime.errors import InvalidArgument
 from arktos_vm_runtime.service import vmconfig as vc
 from arktos_vm_runtime.service.vmconfig import (
