@@ -74,11 +74,12 @@ class NotifyListener:
 
 class Daemon:
     def __init__(self, tmp: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 libvirt_uri: str = "test:///default", notify: bool = True) -> None:
+                 libvirt_uri: str = "test:///default", notify: bool = True,
+                 cni_dir: Path | None = None) -> None:
         self.tmp = tmp
         self.socket = str(tmp / "run" / "virtlet.sock")
         self.state_dir = str(tmp / "state")
-        self.cni_dir = tmp / "cni"
+        self.cni_dir = cni_dir or tmp / "cni"
         self.cni_dir.mkdir(exist_ok=True)
         self.log = tmp / "daemon.log"
         self.notify = NotifyListener(tmp / "notify.sock") if notify else None

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..adapters.image_store import ImageRecord
+from ..service.network import NetworkStatus, NicStatus
 from ..service.records import ContainerRecord, SandboxRecord
 from .dispatch import Call
 
@@ -33,12 +34,31 @@ def sandbox(call: Call, sb: SandboxRecord) -> Any:
         labels=sb.labels, annotations=sb.annotations, runtime_handler=sb.runtime_handler)
 
 
-def sandbox_status(call: Call, sb: SandboxRecord) -> Any:
+def network_status(call: Call, net: NetworkStatus | None) -> Any:
+    msg = call.pb.PodSandboxNetworkStatus(ip=net.ip if net else "")
+    if net is None:
+        return msg
+    if has(call.pb.PodSandboxNetworkStatus, "additional_ips"):  # v1
+        msg.additional_ips.extend(call.pb.PodIP(ip=ip) for ip in net.ips[1:])
+    if has(call.pb.PodSandboxNetworkStatus, "nics"):  # Arktos v1alpha2
+        msg.nics.extend(call.pb.NICStatus(name=n.name, port_id=n.port_id,
+                                          state=call.pb.NICState.Value(n.state),
+                                          reason=n.reason) for n in net.nics)
+    return msg
+
+
+def sandbox_status(call: Call, sb: SandboxRecord, net: NetworkStatus | None) -> Any:
     return call.pb.PodSandboxStatus(
         id=sb.id, metadata=sandbox_metadata(call, sb),
         state=call.pb.PodSandboxState.Value(sb.state), created_at=sb.created_at,
-        network=call.pb.PodSandboxNetworkStatus(ip=""),
+        network=network_status(call, net),
         labels=sb.labels, annotations=sb.annotations, runtime_handler=sb.runtime_handler)
+
+
+def nic_spec(call: Call, n: NicStatus) -> Any:
+    return call.pb.NicSpec(Name=n.nic.name, SubnetName=n.nic.subnet_name, PortId=n.nic.port_id,
+                           IpAddress=n.nic.ip_address, IsIpV6Enabled=n.nic.ipv6_enabled,
+                           tag=n.nic.tag, VPC=n.vpc)
 
 
 def _cmeta(call: Call, c: ContainerRecord) -> Any:

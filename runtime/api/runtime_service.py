@@ -7,11 +7,13 @@ import json
 from typing import Any
 
 from .. import __version__
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, NotFound
 from ..service.core import Core
 from ..service.health import Condition
+from ..service.network import NetworkStatus
 from ..service.pods import ContainerInput, now_ns
 from ..service.records import SANDBOX_READY, SandboxRecord
+from ..service.vmconfig import NicInfo
 from . import convert
 from .dispatch import Call
 
@@ -80,7 +82,11 @@ class RuntimeServicer:
 
     async def PodSandboxStatus(self, request: Any, call: Call) -> Any:
         sb = self.core.pods.sandbox(request.pod_sandbox_id)
-        return call.pb.PodSandboxStatusResponse(status=convert.sandbox_status(call, sb))
+        try:
+            net: NetworkStatus | None = self.core.networks.status(sb.id)
+        except NotFound:
+            net = None  # stopped: its network is torn down
+        return call.pb.PodSandboxStatusResponse(status=convert.sandbox_status(call, sb, net))
 
     async def ListPodSandbox(self, request: Any, call: Call) -> Any:
         f = request.filter
@@ -151,3 +157,27 @@ class RuntimeServicer:
     async def ReopenContainerLog(self, request: Any, call: Call) -> Any:
         self.core.pods.reopen_log(request.container_id)
         return call.pb.ReopenContainerLogResponse()
+
+    # -- Arktos NICs (v1alpha2 only) ------------------------------------------------------
+
+    @staticmethod
+    def _nic(spec: Any) -> NicInfo:
+        return NicInfo(name=spec.Name, subnet_name=spec.SubnetName, port_id=spec.PortId,
+                       ip_address=spec.IpAddress, tag=spec.tag,
+                       ipv6_enabled=spec.IsIpV6Enabled)
+
+    async def AttachNetworkInterface(self, request: Any, call: Call) -> Any:
+        await asyncio.to_thread(self.core.pods.attach_nic, request.PodSandboxID,
+                                self._nic(request.Nic), request.Nic.VPC)
+        return call.pb.DeviceAttachDetachResponse()
+
+    async def DetachNetworkInterface(self, request: Any, call: Call) -> Any:
+        await asyncio.to_thread(self.core.pods.detach_nic, request.PodSandboxID,
+                                request.Nic.Name)
+        return call.pb.DeviceAttachDetachResponse()
+
+    async def ListNetworkInterfaces(self, request: Any, call: Call) -> Any:
+        nics = await asyncio.to_thread(self.core.pods.list_nics, request.PodSandboxId)
+        return call.pb.ListDeviceResponse(Nics=[
+            convert.nic_spec(call, n) for n in nics
+            if n.state == "NIC_READY" and (not request.NicName or n.name == request.NicName)])

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..adapters import cni
 from ..adapters.domain_xml import default_template_dirs
 from ..adapters.image_store import ImageRecord, ImageStore
 from ..adapters.image_translations import ImageTranslator
@@ -15,6 +16,7 @@ from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_domains import Domains
 from ..config import Settings
 from .health import Condition, LibvirtHealth, cni_condition
+from .network import PodNetworks
 from .pods import Pods
 from .statedir import StateDir
 
@@ -35,7 +37,10 @@ class Core:
             allowed_schemes=frozenset(schemes),
             translations=ImageTranslator(translations_dir) if translations_dir.is_dir()
             else None)
-        self.pods = Pods(settings, state.store, self.domains, self.images,
+        self.networks = PodNetworks(
+            state.root / "networks", conf_dir=settings.cni_conf_dir,
+            bin_dirs=[settings.cni_bin_dir, *cni.DEFAULT_BIN_DIRS], libvirt_conn=libvirt.get)
+        self.pods = Pods(settings, state.store, self.domains, self.images, self.networks,
                          state.root / "vms", default_template_dirs(settings.template_dir))
         self.health.on_healthy(self.pods.ensure_reconciled)
         self._pulls: dict[str, tuple[int, int | None, float]] = {}

@@ -29,6 +29,7 @@ from ..adapters.image_store import ImageStore
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent, domain_name
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .network import NicStatus, PodNetworks
 from .records import (
     CREATED,
     CREATING,
@@ -41,13 +42,16 @@ from .records import (
     check_id,
 )
 from .store import Store
-from .vmconfig import parse_vm_config
+from .vmconfig import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo, parse_vm_config
 
 log = logging.getLogger(__name__)
 
 # Container ids are name-based UUIDs of the sandbox id (the contract), in this namespace.
 ID_NAMESPACE = uuid_mod.UUID("6f1d3c1e-7a43-5b0e-9d2f-8a5c4e3b2a10")
 STOP_AFTER_DESTROY = 10.0  # seconds to wait for libvirt's STOPPED event after destroy
+# The annotations CNI needs at RunPodSandbox; the others are checked at CreateContainer,
+# where the contract says a malformed one fails.
+NETWORK_ANNOTATIONS = (ANN_VPC, ANN_NICS, ANN_CNI_ARGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +87,9 @@ def _log_file(directory: str, relative: str) -> str:
 
 class Pods:
     def __init__(self, settings: Settings, store: Store, domains: Domains, images: ImageStore,
-                 vm_root: Path, template_dirs: Sequence[Path]) -> None:
+                 networks: PodNetworks, vm_root: Path, template_dirs: Sequence[Path]) -> None:
         self.settings = settings
+        self.networks = networks
         self._store = store
         self._domains = domains
         self._images = images
@@ -159,6 +164,13 @@ class Pods:
         for uuid in doms:
             log.warning("domain %s has our prefix but no record here; leaving it untouched",
                         domain_name(uuid), extra={"CONTAINER_ID": uuid})
+        # A network without a sandbox record: RunPodSandbox died before writing READY and
+        # the kubelet will never ask for it again. Its CNI DEL releases the address.
+        for sid in set(self.networks.sandbox_ids()) - set(self._sandboxes):
+            log.warning("tearing down the network of unknown sandbox %s (orphan rule: no "
+                        "sandbox record)", sid, extra={"POD_SANDBOX_ID": sid})
+            self.networks.teardown(sid)
+        self.networks.restore()
         self._reconciled = True
         log.info("reconciled %d sandboxes and %d containers with libvirt",
                  len(self._sandboxes), len(self._containers))
@@ -204,13 +216,25 @@ class Pods:
 
     def run_sandbox(self, sb: SandboxRecord) -> str:
         check_id("pod uid", sb.id)
+        net_config = parse_vm_config({k: v for k, v in sb.annotations.items()
+                                      if k in NETWORK_ANNOTATIONS})
         with self._pod_locks[sb.id]:
             existing = self._sandboxes.get(sb.id)
             if existing is not None:
                 return existing.id
+            sb.state = SANDBOX_NOTREADY  # until its network is up
             self._put(sb)
             with self._lock:
                 self._sandboxes[sb.id] = sb
+            try:
+                self.networks.setup(sb.id, sb.tenant, sb.namespace, sb.name, net_config)
+            except BaseException:
+                self._store.delete("sandboxes", sb.id)
+                with self._lock:
+                    self._sandboxes.pop(sb.id, None)
+                raise
+            sb.state = SANDBOX_READY
+            self._put(sb)
         log.info("sandbox %s for pod %s/%s/%s is ready", sb.id, sb.tenant, sb.namespace,
                  sb.name, extra={"POD_SANDBOX_ID": sb.id})
         return sb.id
@@ -232,10 +256,12 @@ class Pods:
             return  # already gone: success, as the CRI requires
         for c in self.containers_of(sandbox_id):
             self.stop_container(c.id, 0)
-        with self._pod_locks[sandbox_id], self._lock:
-            if sb.state != SANDBOX_NOTREADY:
-                sb.state = SANDBOX_NOTREADY
-                self._put(sb)
+        with self._pod_locks[sandbox_id]:
+            with self._lock:
+                if sb.state != SANDBOX_NOTREADY:
+                    sb.state = SANDBOX_NOTREADY
+                    self._put(sb)
+            self.networks.teardown(sandbox_id)
 
     def remove_sandbox(self, sandbox_id: str) -> None:
         if sandbox_id not in self._sandboxes:
@@ -243,6 +269,7 @@ class Pods:
         for c in self.containers_of(sandbox_id):
             self.remove_container(c.id)
         with self._pod_locks[sandbox_id]:
+            self.networks.teardown(sandbox_id)
             self._store.delete("sandboxes", sandbox_id)
             with self._lock:
                 self._sandboxes.pop(sandbox_id, None)
@@ -309,8 +336,10 @@ class Pods:
                 vm_dir.mkdir(mode=0o711)
                 disks.create_overlay(image.path, image.format, vm_dir / "root.qcow2",
                                      max(image.virtual_size, vm.root_volume_bytes))
+                net = self.networks.network(sandbox_id)
                 seed = render_seed(vm, instance_id=cid, hostname=sb.hostname or sb.name,
-                                   env=c.envs, network=None, template_dirs=self._templates)
+                                   env=c.envs, network=net.network_info,
+                                   template_dirs=self._templates)
                 write_seed_iso(seed, vm.cloud_init_type, vm_dir / "seed.iso")
                 spec = DomainSpec(
                     name=domain_name(cid), uuid=cid, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
@@ -322,7 +351,7 @@ class Pods:
                     seed_iso=vm_dir / "seed.iso",
                     domain_type="qemu" if self.settings.disable_kvm else "kvm",
                     cpu_model=vm.cpu_model, disk_bus=vm.disk_driver,
-                    system_uuid=vm.system_uuid)
+                    system_uuid=vm.system_uuid, interfaces=net.interfaces)
                 self._domains.define(render_domain(spec, self._templates))
             except BaseException:
                 self._undo_create(rec)
@@ -360,7 +389,9 @@ class Pods:
                       reason="", message="", stop_requested=False)
             self._follow_console(rec)
             try:
+                self.networks.before_vm_start(rec.sandbox_id)
                 self._domains.start(cid)
+                self.networks.after_vm_started(rec.sandbox_id)
             except BaseException:
                 self._set(rec, **{f.name: getattr(previous, f.name)
                                   for f in dataclasses.fields(previous)})
@@ -424,3 +455,39 @@ class Pods:
         if rec.state != RUNNING:
             raise FailedPrecondition(f"container {cid} is not running")
         self.console.reopen(cid)
+
+    # -- Arktos NICs ----------------------------------------------------------------------
+
+    def resolve_pod(self, ref: str) -> SandboxRecord:
+        """The sandbox named by an Arktos NIC request: a sandbox id, or (as the Arktos kubelet
+        sends it) the pod's name, matched among ready sandboxes."""
+        with self._lock:
+            sb = self._sandboxes.get(ref)
+            if sb is not None:
+                return sb
+            named = [s for s in self._sandboxes.values()
+                     if s.name == ref and s.state == SANDBOX_READY]
+        if len(named) == 1:
+            return named[0]
+        if len(named) > 1:
+            raise FailedPrecondition(f"pod name {ref[:100]!r} is ambiguous: "
+                                     f"{len(named)} ready sandboxes carry it; use the id")
+        raise NotFound(f"no pod sandbox with id or name {ref[:100]!r}")
+
+    def _vm_of(self, sandbox_id: str) -> str | None:
+        return next((c.id for c in self.containers_of(sandbox_id) if c.state != CREATING),
+                    None)
+
+    def attach_nic(self, pod: str, nic: NicInfo, vpc: str) -> None:
+        sb = self.resolve_pod(pod)
+        with self._pod_locks[sb.id]:
+            self.networks.attach_nic(sb.id, self._vm_of(sb.id), nic, vpc)
+
+    def detach_nic(self, pod: str, name: str) -> None:
+        sb = self.resolve_pod(pod)
+        with self._pod_locks[sb.id]:
+            self.networks.detach_nic(sb.id, self._vm_of(sb.id), name)
+
+    def list_nics(self, pod: str) -> list[NicStatus]:
+        sb = self.resolve_pod(pod)
+        return self.networks.list_nics(sb.id, self._vm_of(sb.id))

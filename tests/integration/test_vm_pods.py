@@ -17,6 +17,7 @@ import pytest
 
 from tests.daemon_proc import APIS, Daemon
 from tests.guest.images import minimal_guest
+from tests.integration.test_network_common import PLUGINS, CniTestNet, cni_test_network
 from tests.integration.vmpods import (
     CRI_LINE,
     container_config,
@@ -42,10 +43,29 @@ def served_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"{host}/minimal.qcow2"
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_namespaces() -> Iterator[None]:
+    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    yield
+    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    assert not {n for n in after - before if n.startswith("avr-")}, "a pod netns leaked"
+
+
 @pytest.fixture
-def vm_daemon(short_tmp: Path) -> Iterator[Daemon]:
-    d = Daemon(short_tmp, libvirt_uri="qemu:///system",
-               args=["--disable-kvm", "--image-download-protocol", "http"]).start()
+def cni_net() -> Iterator[CniTestNet]:
+    with cni_test_network() as net:
+        yield net
+
+
+def vm_runtime(tmp: Path, net: CniTestNet) -> Daemon:
+    return Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
+                  args=["--disable-kvm", "--image-download-protocol", "http",
+                        "--cni-bin-dir", str(PLUGINS)])
+
+
+@pytest.fixture
+def vm_daemon(short_tmp: Path, cni_net: CniTestNet) -> Iterator[Daemon]:
+    d = vm_runtime(short_tmp, cni_net).start()
     yield d
     d.stop()
 
@@ -202,10 +222,9 @@ def test_a_vm_whose_qemu_dies_shows_exited_within_seconds(vm_daemon: Daemon,
     assert _leftovers(d, cid) == []
 
 
-def test_vm_survives_kill_9_of_the_daemon_and_is_adopted(short_tmp: Path,
-                                                          served_image: str) -> None:
-    d = Daemon(short_tmp, libvirt_uri="qemu:///system",
-               args=["--disable-kvm", "--image-download-protocol", "http"]).start()
+def test_vm_survives_kill_9_of_the_daemon_and_is_adopted(short_tmp: Path, served_image: str,
+                                                          cni_net: CniTestNet) -> None:
+    d = vm_runtime(short_tmp, cni_net).start()
     pb, _ = APIS["v1alpha2"]
     log_file = short_tmp / "logs" / "vm" / "0.log"
     sid, cid = _run_pod(d, served_image, short_tmp / "logs")
@@ -219,8 +238,7 @@ def test_vm_survives_kill_9_of_the_daemon_and_is_adopted(short_tmp: Path,
         d.stop()
         assert subprocess.run(["virsh", "-c", "qemu:///system", "domstate", f"avr-{cid}"],
                               capture_output=True, text=True).stdout.strip() == "running"
-        d = Daemon(short_tmp, libvirt_uri="qemu:///system",
-                   args=["--disable-kvm", "--image-download-protocol", "http"]).start()
+        d = vm_runtime(short_tmp, cni_net).start()
         status = wait_for("RUNNING after restart", lambda: (
             s := _state(d, "v1alpha2", cid)).state == pb.CONTAINER_RUNNING and s, 10)
         assert status.started_at > 0
@@ -244,6 +262,7 @@ def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_image: s
     d = vm_daemon
     pb, _ = APIS["v1alpha2"]
     rt = d.runtime("v1alpha2")
+    netns_before = set(os.listdir("/run/netns"))
     d.images("v1alpha2").PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_image)),
                                    timeout=60)
     cases = {
@@ -257,6 +276,11 @@ def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_image: s
     for key, value in cases.items():
         cfg = sandbox_config(pb, short_tmp / "logs", annotations={key: value},
                              name=f"bad-{key.lower()}")
+        if key == "NICs":  # CNI needs it at RunPodSandbox already: that call fails
+            with pytest.raises(grpc.RpcError) as e:
+                rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and key in e.value.details()
+            continue
         sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=30).pod_sandbox_id
         with pytest.raises(grpc.RpcError) as e:
             rt.CreateContainer(pb.CreateContainerRequest(
@@ -271,4 +295,8 @@ def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_image: s
         rt.RunPodSandbox(pb.RunPodSandboxRequest(config=hostile), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pod uid" in e.value.details()
     assert not any((Path(d.state_dir) / "vms").iterdir())
+    assert not any((Path(d.state_dir) / "networks").iterdir())
+    assert not [n for n in os.listdir("/run/netns")
+                if n.startswith("avr-") and n not in netns_before]
     assert not rt.ListContainers(pb.ListContainersRequest(), timeout=10).containers
+    assert not rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items
