@@ -102,8 +102,22 @@ acpid -c /etc/acpi -l /var/log/acpid.log
 
 say MINIMAL-GUEST-UP
 
+# A TCP echo service on port 7, so tests can prove TCP reaches the guest with data.
+nc -ll -p 7 -e cat >/dev/null 2>&1 &
+
+# NICs other than eth0 (hot-plugged, or attached while stopped) get DHCP once each.
 # wait returns when a trapped signal arrives; sleep alone would delay the trap.
+seen=" eth0 "
 while :; do
-    sleep 3600 &
+    for d in /sys/class/net/eth*; do
+        [ -e "$d" ] || continue
+        n=${d##*/}
+        case $seen in *" $n "*) continue ;; esac
+        seen="$seen$n "
+        ip link set "$n" up
+        udhcpc -i "$n" -q -n -t 5 -s /etc/udhcpc.script >/dev/null 2>&1
+        say "MINIMAL-GUEST-NET $n $(ip -4 -o addr show dev "$n" | awk '{print $4}')"
+    done
+    sleep 1 &
     wait $!
 done
