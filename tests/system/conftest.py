@@ -35,10 +35,10 @@ SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 def _require_host() -> None:
     if os.geteuid() != 0:
-        pytest.skip("the system tier boots systemd-nspawn containers: run as root")
+        pytest.fail("the system tier boots systemd-nspawn containers: run as root")
     for tool in ("systemd-nspawn", "ansible-playbook", "mmdebstrap", "dpkg-buildpackage"):
         if shutil.which(tool, path=SYSTEM_PATH) is None:
-            pytest.skip(f"the system tier needs {tool}")
+            pytest.fail(f"the system tier needs {tool} (tools/setup installs it)")
 
 
 @pytest.fixture(scope="session")

@@ -73,9 +73,17 @@ def have_cloud_init() -> bool:
     )
 
 
-needs_cloud_init = pytest.mark.skipif(
-    not have_cloud_init(), reason="Debian's cloud-init is not installed"
-)
+def _require_cloud_init() -> None:
+    if not have_cloud_init():
+        pytest.fail("Debian's cloud-init is needed to check seeds: apt-get install cloud-init")
+
+
+needs_cloud_init = pytest.mark.usefixtures("cloud_init_present")
+
+
+@pytest.fixture
+def cloud_init_present() -> None:
+    _require_cloud_init()
 
 
 def assert_valid_cloud_config(text: str, tmp_path: Path) -> None:
@@ -315,7 +323,7 @@ NASTY_VALUES = [
 @pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
 def test_environment_file_is_inert_when_sourced(shell: str, tmp_path: Path) -> None:
     if not Path(shell).exists():
-        pytest.skip(f"no {shell}")
+        pytest.fail(f"no {shell}")
     marker = tmp_path / "pwned"
     env = [(f"V{i}", v.format(marker=marker)) for i, v in enumerate(NASTY_VALUES)]
     # through the rendered user-data, as the guest gets it
