@@ -1,6 +1,7 @@
 """Time from RunPodSandbox to the guest's first console line and to its marker line,
-through the runtime's socket, next to raw libvirt booting the same guest
-(bench/baseline_raw_libvirt.py: same TCG domain shape, 2 vCPUs, 512 MiB).
+through the runtime's socket (pod network by the real bridge + host-local CNI plugins),
+next to raw libvirt booting the same guest (bench/baseline_raw_libvirt.py: same TCG domain
+shape, 2 vCPUs, 512 MiB).
 
     .venv/bin/python -m bench.vm_boot {minimal,cloud} [--runs 3]
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from bench import baseline_raw_libvirt
 from tests.daemon_proc import APIS, Daemon
 from tests.guest.images import cloud_guest_image, minimal_guest
+from tests.integration.test_network_common import PLUGINS, cni_test_network
 from tests.integration.vmpods import container_config, image_server, log_text, sandbox_config
 
 MARKERS = {"minimal": "MINIMAL-GUEST-UP", "cloud": "BENCH-CLOUD-INIT-MARKER"}
@@ -72,9 +74,11 @@ def main() -> None:
     try:
         (tmp / "img").mkdir()
         (tmp / "img" / "guest.qcow2").symlink_to(src)
-        with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host:
-            d = Daemon(tmp, libvirt_uri="qemu:///system",
-                       args=["--disable-kvm", "--image-download-protocol", "http"]).start()
+        with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host, \
+                cni_test_network() as net:
+            d = Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
+                       args=["--disable-kvm", "--image-download-protocol", "http",
+                             "--cni-bin-dir", str(PLUGINS)]).start()
             try:
                 image = f"{host}/guest.qcow2"
                 pb, _ = APIS["v1alpha2"]

@@ -14,6 +14,7 @@ import pytest
 
 from tests.daemon_proc import APIS, Daemon
 from tests.guest.images import cloud_guest_image
+from tests.integration.test_network_common import PLUGINS, CniTestNet, cni_test_network
 from tests.integration.vmpods import (
     CRI_LINE,
     container_config,
@@ -41,10 +42,16 @@ def served_cloud_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 @pytest.mark.parametrize("api", ["v1alpha2", "v1"])
 def test_cloud_init_runcmd_line_reaches_the_pod_log(short_tmp: Path, served_cloud_image: str,
                                                     api: str) -> None:
+    with cni_test_network() as net:
+        _scenario(short_tmp, served_cloud_image, api, net)
+
+
+def _scenario(short_tmp: Path, served_cloud_image: str, api: str, net: CniTestNet) -> None:
     pb, _ = APIS[api]
     marker = f"CLOUD-INIT-RUNCMD-{api}-OK"
-    d = Daemon(short_tmp, libvirt_uri="qemu:///system",
-               args=["--disable-kvm", "--image-download-protocol", "http"]).start()
+    d = Daemon(short_tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
+               args=["--disable-kvm", "--image-download-protocol", "http",
+                     "--cni-bin-dir", str(PLUGINS)]).start()
     try:
         rt, img = d.runtime(api), d.images(api)
         img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_cloud_image)),
@@ -72,6 +79,13 @@ def test_cloud_init_runcmd_line_reaches_the_pod_log(short_tmp: Path, served_clou
                              for line in log_text(log_file).splitlines()),
                  CLOUD_INIT_TIMEOUT, every=1)
         assert all(CRI_LINE.match(x) for x in log_text(log_file).splitlines())
+        # cloud-init applied the static network-config: the guest answers on its CNI address.
+        ip = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid),
+                                 timeout=10).status.network.ip
+        assert ip.startswith(net.prefix)
+        out = wait_for("the guest to answer ping on its CNI address",
+                       lambda: " 0% packet loss" in (o := _ping(net, ip)) and o, 60, every=2)
+        assert "bytes from" in out
         disk = Path(d.state_dir) / "vms" / cid / "root.qcow2"
         info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(disk)],
                               capture_output=True, text=True, check=True).stdout
@@ -92,3 +106,10 @@ def test_cloud_init_runcmd_line_reaches_the_pod_log(short_tmp: Path, served_clou
     finally:
         d.stop()
         shutil.rmtree(short_tmp / "pods", ignore_errors=True)
+
+
+def _ping(net: CniTestNet, ip: str) -> str:
+    try:
+        return net.ping(ip, count=2)
+    except AssertionError as e:  # ping exits non-zero while the guest is not up yet
+        return str(e)
