@@ -23,6 +23,14 @@ MARKER = "hello from demo-vm, configured by cloud-init"
 
 
 def main() -> int:
+    try:
+        return run()
+    except grpc.RpcError as e:
+        print(f"demo: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+
+
+def run() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--socket", default="/run/virtlet.sock")
     ap.add_argument("--image", help="image name (URL without scheme)")
