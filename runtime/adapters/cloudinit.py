@@ -32,6 +32,7 @@ import yaml
 
 from ..errors import Internal, InvalidArgument
 from .domain_xml import default_template_dirs
+from .fsutil import fsync_dir
 
 if TYPE_CHECKING:
     from ..service.vmconfig import VMConfig
@@ -384,14 +385,6 @@ def _layout(files: SeedFiles, kind: SeedKind) -> tuple[str, dict[str, str]]:
     raise InvalidArgument(f"cloud-init image type {kind!r}: nocloud or configdrive")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_seed_iso(files: SeedFiles, kind: SeedKind, dest: Path) -> None:
     """Build the seed ISO of `kind` at `dest`, atomically (temp file, fsync, rename).
 
@@ -444,7 +437,7 @@ def write_seed_iso(files: SeedFiles, kind: SeedKind, dest: Path) -> None:
             os.fchmod(f.fileno(), 0o600)
             os.fsync(f.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -59,6 +59,7 @@ from ..errors import (
     RuntimeError_,
     Unavailable,
 )
+from .fsutil import fsync_dir
 from .image_translations import ImageTranslator
 
 log = logging.getLogger(__name__)
@@ -240,14 +241,6 @@ def _redact(url: str) -> str:
     if parts.query or parts.fragment:
         return urllib.parse.urlunsplit(parts._replace(query="...", fragment=""))
     return url
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _local_error(exc: OSError, what: str) -> RuntimeError_:
@@ -759,7 +752,7 @@ class ImageStore:
                         os.chmod(tmp, 0o644)
                         os.rename(tmp, dst)
                         placed = True
-                        _fsync_dir(self._blob_dir)
+                        fsync_dir(self._blob_dir)
                     except OSError as exc:
                         raise _local_error(exc, f"storing image {name}") from exc
                     self._blobs[digest] = blob
@@ -816,7 +809,7 @@ class ImageStore:
                 os.fchmod(f.fileno(), 0o644)
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -855,7 +848,7 @@ class ImageStore:
     def _drop_name(self, name: str) -> None:
         try:
             self._name_file(name).unlink(missing_ok=True)
-            _fsync_dir(self._name_dir)
+            fsync_dir(self._name_dir)
         except OSError as exc:
             raise _local_error(exc, f"removing image name {name}") from exc
         del self._names[name]
@@ -864,7 +857,7 @@ class ImageStore:
     def _drop_blob(self, digest: str) -> None:
         try:
             (self._blob_dir / digest).unlink(missing_ok=True)
-            _fsync_dir(self._blob_dir)
+            fsync_dir(self._blob_dir)
         except OSError as exc:
             raise _local_error(exc, f"removing image sha256:{digest}") from exc
         del self._blobs[digest]

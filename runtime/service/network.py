@@ -46,6 +46,7 @@ import libvirt
 from ..adapters import cni, dhcp, netns, vmnet
 from ..adapters.cloudinit import NetInterface, NetworkInfo
 from ..adapters.domain_xml import InterfaceSpec
+from ..adapters.fsutil import fsync_dir
 from ..errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -286,11 +287,7 @@ class PodNetworks:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(d)
         with self._lock:
             self._states[st.sandbox_id] = st
 
