@@ -18,8 +18,14 @@ from pathlib import Path
 from bench import baseline_raw_libvirt
 from tests.daemon_proc import APIS, Daemon
 from tests.guest.images import cloud_guest_image, minimal_guest
-from tests.integration.test_network_common import PLUGINS, cni_test_network
-from tests.integration.vmpods import container_config, image_server, log_text, sandbox_config
+from tests.integration.test_network_common import cni_test_network
+from tests.integration.vmpods import (
+    container_config,
+    image_server,
+    log_text,
+    sandbox_config,
+    vm_runtime,
+)
 
 MARKERS = {"minimal": "MINIMAL-GUEST-UP", "cloud": "BENCH-CLOUD-INIT-MARKER"}
 
@@ -76,9 +82,7 @@ def main() -> None:
         (tmp / "img" / "guest.qcow2").symlink_to(src)
         with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host, \
                 cni_test_network() as net:
-            d = Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
-                       args=["--disable-kvm", "--image-download-protocol", "http",
-                             "--cni-bin-dir", str(PLUGINS)]).start()
+            d = vm_runtime(tmp, net).start()
             try:
                 image = f"{host}/guest.qcow2"
                 pb, _ = APIS["v1alpha2"]

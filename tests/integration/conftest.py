@@ -4,10 +4,15 @@ tests themselves assert that the runtime removed them, this only cleans up after
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 
 import pytest
+
+from tests.guest.images import minimal_guest
+from tests.integration.test_network_common import CniTestNet, cni_test_network
+from tests.integration.vmpods import image_server, require_libvirtd
 
 VIRSH = ["virsh", "-c", "qemu:///system"]
 
@@ -24,3 +29,19 @@ def remove_leftover_domains() -> Iterator[None]:
     for name in _our_domains() - before:
         subprocess.run([*VIRSH, "destroy", name], capture_output=True)
         subprocess.run([*VIRSH, "undefine", "--nvram", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def served_minimal_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The minimal guest's disk, served on 127.0.0.1; yields its image name."""
+    require_libvirtd()
+    root = tmp_path_factory.mktemp("images")
+    shutil.copy(minimal_guest().disk, root / "minimal.qcow2")
+    with image_server({"minimal.qcow2": root / "minimal.qcow2"}) as host:
+        yield f"{host}/minimal.qcow2"
+
+
+@pytest.fixture
+def cni_net() -> Iterator[CniTestNet]:
+    with cni_test_network() as net:
+        yield net

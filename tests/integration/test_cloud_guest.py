@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_proc import APIS, Daemon
+from tests.daemon_proc import APIS
 from tests.guest.images import cloud_guest_image
-from tests.integration.test_network_common import PLUGINS, CniTestNet, cni_test_network
+from tests.integration.test_network_common import CniTestNet, cni_test_network
 from tests.integration.vmpods import (
     CRI_LINE,
     container_config,
@@ -23,6 +23,7 @@ from tests.integration.vmpods import (
     log_text,
     require_libvirtd,
     sandbox_config,
+    vm_runtime,
     wait_for,
 )
 
@@ -49,9 +50,7 @@ def test_cloud_init_runcmd_line_reaches_the_pod_log(short_tmp: Path, served_clou
 def _scenario(short_tmp: Path, served_cloud_image: str, api: str, net: CniTestNet) -> None:
     pb, _ = APIS[api]
     marker = f"CLOUD-INIT-RUNCMD-{api}-OK"
-    d = Daemon(short_tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
-               args=["--disable-kvm", "--image-download-protocol", "http",
-                     "--cni-bin-dir", str(PLUGINS)]).start()
+    d = vm_runtime(short_tmp, net).start()
     try:
         rt, img = d.runtime(api), d.images(api)
         img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_cloud_image)),

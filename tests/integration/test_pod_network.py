@@ -7,28 +7,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.daemon_proc import APIS, Daemon
-from tests.guest.images import minimal_guest
+from tests.daemon_proc import APIS
 from tests.integration.test_network_common import (
-    PLUGINS,
     CniTestNet,
-    cni_test_network,
     link_names,
 )
 from tests.integration.vmpods import (
     container_config,
-    image_server,
     log_text,
-    require_libvirtd,
     sandbox_config,
+    vm_runtime,
     wait_for,
 )
 
@@ -37,34 +31,15 @@ NICS = [{"name": "eth0", "subnetName": "subnet-a", "portId": "port-1", "ipAddres
          "tag": "blue", "ipv6Enabled": False}]
 
 
-@pytest.fixture(scope="module")
-def served_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    require_libvirtd()
-    root = tmp_path_factory.mktemp("netimg")
-    shutil.copy(minimal_guest().disk, root / "minimal.qcow2")
-    with image_server({"minimal.qcow2": root / "minimal.qcow2"}) as host:
-        yield f"{host}/minimal.qcow2"
-
-
-@pytest.fixture
-def net() -> Iterator[CniTestNet]:
-    with cni_test_network() as n:
-        yield n
-
-
-def runtime(tmp: Path, net: CniTestNet) -> Daemon:
-    return Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
-                  args=["--disable-kvm", "--image-download-protocol", "http",
-                        "--cni-bin-dir", str(PLUGINS)]).start()
-
-
 def cni_args(call: dict[str, object]) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in str(call["CNI_ARGS"]).split(";"))
 
 
-def test_vm_pod_on_the_cni_network(short_tmp: Path, net: CniTestNet, served_image: str) -> None:
+def test_vm_pod_on_the_cni_network(short_tmp: Path, cni_net: CniTestNet,
+                                   served_minimal_image: str) -> None:
+    net, served_image = cni_net, served_minimal_image
     pb, _ = APIS["v1alpha2"]
-    d = runtime(short_tmp, net)
+    d = vm_runtime(short_tmp, net).start()
     log_dir = short_tmp / "pods"
     annotations = {"VPC": "vpc-7", "NICs": json.dumps(NICS),
                    "arktos.futurewei.com/cni-args": "ZONE=az-1;QOS=gold"}
@@ -136,7 +111,7 @@ def test_vm_pod_on_the_cni_network(short_tmp: Path, net: CniTestNet, served_imag
 
         # A daemon restart keeps everything; DEL then gets the same arguments as ADD.
         assert d.stop() == 0
-        d = runtime(short_tmp, net)
+        d = vm_runtime(short_tmp, net).start()
         rt = d.runtime("v1alpha2")
         out = net.ping(ip)
         assert " 0% packet loss" in out, out

@@ -5,7 +5,6 @@ crash detection, remove, and nothing left behind. Uses the minimal guest (boots 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -16,16 +15,14 @@ import grpc
 import pytest
 
 from tests.daemon_proc import APIS, Daemon
-from tests.guest.images import minimal_guest
-from tests.integration.test_network_common import PLUGINS, CniTestNet, cni_test_network
+from tests.integration.test_network_common import CniTestNet
 from tests.integration.vmpods import (
     CRI_LINE,
     container_config,
     domain_names,
-    image_server,
     log_text,
-    require_libvirtd,
     sandbox_config,
+    vm_runtime,
     wait_for,
 )
 
@@ -34,33 +31,12 @@ MARKER = "MINIMAL-GUEST-UP"
 BOOT_TIMEOUT = 180
 
 
-@pytest.fixture(scope="module")
-def served_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    require_libvirtd()
-    root = tmp_path_factory.mktemp("images")
-    shutil.copy(minimal_guest().disk, root / "minimal.qcow2")
-    with image_server({"minimal.qcow2": root / "minimal.qcow2"}) as host:
-        yield f"{host}/minimal.qcow2"
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_namespaces() -> Iterator[None]:
     before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     yield
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert not {n for n in after - before if n.startswith("avr-")}, "a pod netns leaked"
-
-
-@pytest.fixture
-def cni_net() -> Iterator[CniTestNet]:
-    with cni_test_network() as net:
-        yield net
-
-
-def vm_runtime(tmp: Path, net: CniTestNet) -> Daemon:
-    return Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
-                  args=["--disable-kvm", "--image-download-protocol", "http",
-                        "--cni-bin-dir", str(PLUGINS)])
 
 
 @pytest.fixture
@@ -85,32 +61,37 @@ def _leftovers(d: Daemon, cid: str) -> list[str]:
 
 
 @pytest.mark.parametrize("api", ["v1alpha2", "v1"])
-def test_vm_pod_lifecycle(vm_daemon: Daemon, served_image: str, api: str,
+def test_vm_pod_lifecycle(vm_daemon: Daemon, served_minimal_image: str, api: str,
                           short_tmp: Path) -> None:
     d = vm_daemon
     pb, _ = APIS[api]
     rt, img = d.runtime(api), d.images(api)
 
-    ref = img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_image)),
+    ref = img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)),
                         timeout=60).image_ref
     assert ref.startswith("sha256:") and len(ref) == 71
-    st = img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=served_image)),
+    st = img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=served_minimal_image)),
                          timeout=10).image
-    assert st.id == ref and st.size > 0 and served_image in st.repo_tags
+    assert st.id == ref and st.size > 0 and served_minimal_image in st.repo_tags
 
     log_dir = short_tmp / "pods" / "default_vm-pod"
     sb_cfg = sandbox_config(pb, log_dir)
-    sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg), timeout=30).pod_sandbox_id
+    sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg, runtime_handler="vm"),
+                           timeout=30).pod_sandbox_id
     assert sid == sb_cfg.metadata.uid
     assert rt.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg),
                             timeout=30).pod_sandbox_id == sid, "idempotent"
     sb = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10).status
     assert sb.state == pb.SANDBOX_READY and sb.metadata.name == "vm-pod"
+    assert sb.runtime_handler == "vm" and sb.network.ip
+    listed_pods = rt.ListPodSandbox(pb.ListPodSandboxRequest(filter=pb.PodSandboxFilter(
+        label_selector={"app": "vm"})), timeout=10).items
+    assert [(p.id, p.runtime_handler) for p in listed_pods] == [(sid, "vm")]
     if api == "v1alpha2":
         assert sb.metadata.tenant == "tenant-a", "the Arktos tenant round-trips"
 
     req = pb.CreateContainerRequest(pod_sandbox_id=sid, config=container_config(pb,
-                                    served_image), sandbox_config=sb_cfg)
+                                    served_minimal_image), sandbox_config=sb_cfg)
     cid = rt.CreateContainer(req, timeout=60).container_id
     assert rt.CreateContainer(req, timeout=60).container_id == cid, "one VM per sandbox"
     status = _state(d, api, cid)
@@ -170,7 +151,8 @@ def test_vm_pod_lifecycle(vm_daemon: Daemon, served_image: str, api: str,
     assert _leftovers(d, cid) == []
     assert not rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=10).items
 
-    img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=served_image)), timeout=10)
+    img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=served_minimal_image)),
+                    timeout=10)
     assert not img.ListImages(pb.ListImagesRequest(), timeout=10).images
     blobs = Path(d.state_dir) / "images" / "blobs" / "sha256"
     assert not any(blobs.iterdir()) if blobs.exists() else True
@@ -200,11 +182,11 @@ def _cleanup(d: Daemon, sid: str) -> None:
 
 
 def test_a_vm_whose_qemu_dies_shows_exited_within_seconds(vm_daemon: Daemon,
-                                                          served_image: str,
+                                                          served_minimal_image: str,
                                                           short_tmp: Path) -> None:
     d = vm_daemon
     pb, _ = APIS["v1alpha2"]
-    sid, cid = _run_pod(d, served_image, short_tmp / "logs")
+    sid, cid = _run_pod(d, served_minimal_image, short_tmp / "logs")
     try:
         wait_for("QEMU's pid file", lambda: Path(f"/run/libvirt/qemu/avr-{cid}.pid").exists(),
                  30)
@@ -222,12 +204,12 @@ def test_a_vm_whose_qemu_dies_shows_exited_within_seconds(vm_daemon: Daemon,
     assert _leftovers(d, cid) == []
 
 
-def test_vm_survives_kill_9_of_the_daemon_and_is_adopted(short_tmp: Path, served_image: str,
-                                                          cni_net: CniTestNet) -> None:
+def test_vm_survives_kill_9_of_the_daemon_and_is_adopted(
+        short_tmp: Path, served_minimal_image: str, cni_net: CniTestNet) -> None:
     d = vm_runtime(short_tmp, cni_net).start()
     pb, _ = APIS["v1alpha2"]
     log_file = short_tmp / "logs" / "vm" / "0.log"
-    sid, cid = _run_pod(d, served_image, short_tmp / "logs")
+    sid, cid = _run_pod(d, served_minimal_image, short_tmp / "logs")
     try:
         wait_for("marker", lambda: MARKER in log_text(log_file), BOOT_TIMEOUT)
         time.sleep(1)  # past the instant between writing a line and saving its offset
@@ -257,13 +239,13 @@ def test_vm_survives_kill_9_of_the_daemon_and_is_adopted(short_tmp: Path, served
     assert _leftovers(d, cid) == []
 
 
-def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_image: str,
+def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_minimal_image: str,
                                               short_tmp: Path) -> None:
     d = vm_daemon
     pb, _ = APIS["v1alpha2"]
     rt = d.runtime("v1alpha2")
     netns_before = set(os.listdir("/run/netns"))
-    d.images("v1alpha2").PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_image)),
+    d.images("v1alpha2").PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)),
                                    timeout=60)
     cases = {
         "VirtletVCPUCount": "many",
@@ -284,7 +266,7 @@ def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_image: s
         sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=30).pod_sandbox_id
         with pytest.raises(grpc.RpcError) as e:
             rt.CreateContainer(pb.CreateContainerRequest(
-                pod_sandbox_id=sid, config=container_config(pb, served_image),
+                pod_sandbox_id=sid, config=container_config(pb, served_minimal_image),
                 sandbox_config=cfg), timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, key
         assert key in e.value.details()

@@ -14,6 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.daemon_proc import Daemon
+from tests.integration.test_network_common import PLUGINS, CniTestNet
+
 CRI_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z stdout [FP] .*$")
 
 
@@ -89,3 +92,11 @@ def container_config(pb: Any, image: str, memory_mib: int = 256,
         linux=pb.LinuxContainerConfig(resources=pb.LinuxContainerResources(
             cpu_period=100000, cpu_quota=100000,
             memory_limit_in_bytes=memory_mib * 2**20)))
+
+
+def vm_runtime(tmp: Path, net: CniTestNet) -> Daemon:
+    """The daemon as the VM tests run it: real libvirtd, TCG, images over loopback http,
+    the test CNI network (with the recording test plugin on the plugin path)."""
+    return Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
+                  args=["--disable-kvm", "--image-download-protocol", "http",
+                        "--cni-bin-dir", str(PLUGINS)])
