@@ -220,8 +220,13 @@ class Pods:
                                       if k in NETWORK_ANNOTATIONS})
         with self._pod_locks[sb.id]:
             existing = self._sandboxes.get(sb.id)
+            if existing is not None and existing.state == SANDBOX_READY:
+                return existing.id  # a repeated call: the same answer
+            # New, or stopped before: sandbox id = pod UID, so the kubelet's next attempt
+            # for the same pod comes back here. It gets a fresh network; its VM (if any)
+            # keeps its disk and is started again by StartContainer.
             if existing is not None:
-                return existing.id
+                sb.created_at = existing.created_at
             sb.state = SANDBOX_NOTREADY  # until its network is up
             self._put(sb)
             with self._lock:
@@ -229,9 +234,10 @@ class Pods:
             try:
                 self.networks.setup(sb.id, sb.tenant, sb.namespace, sb.name, net_config)
             except BaseException:
-                self._store.delete("sandboxes", sb.id)
-                with self._lock:
-                    self._sandboxes.pop(sb.id, None)
+                if existing is None:
+                    self._store.delete("sandboxes", sb.id)
+                    with self._lock:
+                        self._sandboxes.pop(sb.id, None)
                 raise
             sb.state = SANDBOX_READY
             self._put(sb)

@@ -141,6 +141,14 @@ def test_vm_pod_lifecycle(vm_daemon: Daemon, served_minimal_image: str, api: str
     assert status.state == pb.CONTAINER_EXITED
     assert (status.exit_code, status.reason) == (137, "Killed")
     assert log_text(log_file).count("MINIMAL-GUEST-POWEROFF") == 1
+
+    # The kubelet's next attempt for the same pod (sandbox id = pod UID) brings it back.
+    sb_cfg.metadata.attempt = 1
+    assert rt.RunPodSandbox(pb.RunPodSandboxRequest(config=sb_cfg),
+                            timeout=30).pod_sandbox_id == sid
+    sb = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid), timeout=10).status
+    assert sb.state == pb.SANDBOX_READY and sb.metadata.attempt == 1 and sb.network.ip
+    rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=60)
     rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
     rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid), timeout=60)
     rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
