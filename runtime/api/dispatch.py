@@ -54,9 +54,6 @@ class Call:
     pb: ModuleType
     context: grpc.aio.ServicerContext
 
-    def cancelled(self) -> bool:
-        return self.context.cancelled() if hasattr(self.context, "cancelled") else False
-
 
 @dataclasses.dataclass(frozen=True)
 class _Rejected:
