@@ -95,8 +95,12 @@ def container_status(call: Call, c: ContainerRecord) -> Any:
     return status
 
 
-def labels_match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
+def matches(f: Any, id_: str, state: int, labels: Mapping[str, str]) -> bool:
+    """The id, state and label-selector parts shared by PodSandboxFilter and
+    ContainerFilter (an unset part matches everything)."""
+    return ((not f.id or id_ == f.id)
+            and (not f.HasField("state") or state == f.state.state)
+            and all(labels.get(k) == v for k, v in f.label_selector.items()))
 
 
 def image(call: Call, rec: ImageRecord) -> Any:

@@ -77,16 +77,13 @@ def _deserializer(cls: type[Message]) -> Callable[[bytes], Any]:
 
 
 def _ids(request: Any) -> dict[str, str]:
-    out = {}
-    if isinstance(request, Message):
-        for name, field in _ID_FIELDS.items():
-            value = getattr(request, name, "") if name in request.DESCRIPTOR.fields_by_name else ""
-            if value:
-                out[field] = str(value)[:128]
-    return out
+    if not isinstance(request, Message):
+        return {}
+    return {field: str(getattr(request, name))[:128] for name, field in _ID_FIELDS.items()
+            if name in request.DESCRIPTOR.fields_by_name and getattr(request, name)}
 
 
-Servicer = object
+Servicer = object  # any object with `async def Method(request, call)` attributes
 
 
 def _unary(

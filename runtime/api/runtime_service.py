@@ -90,16 +90,9 @@ class RuntimeServicer:
 
     async def ListPodSandbox(self, request: Any, call: Call) -> Any:
         f = request.filter
-        out = []
-        for sb in self.core.pods.sandboxes():
-            if f.id and sb.id != f.id:
-                continue
-            if f.HasField("state") and call.pb.PodSandboxState.Value(sb.state) != f.state.state:
-                continue
-            if not convert.labels_match(sb.labels, f.label_selector):
-                continue
-            out.append(convert.sandbox(call, sb))
-        return call.pb.ListPodSandboxResponse(items=out)
+        return call.pb.ListPodSandboxResponse(items=[
+            convert.sandbox(call, sb) for sb in self.core.pods.sandboxes()
+            if convert.matches(f, sb.id, call.pb.PodSandboxState.Value(sb.state), sb.labels)])
 
     # -- containers -----------------------------------------------------------------------
 
@@ -115,8 +108,6 @@ class RuntimeServicer:
             cpu_period=linux.cpu_period if linux else 0,
             cpu_quota=linux.cpu_quota if linux else 0,
             memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0)
-        if not c.image:
-            raise InvalidArgument("CreateContainer: field config.image.image must not be empty")
         cid = await asyncio.to_thread(self.core.pods.create_container, request.pod_sandbox_id, c)
         return call.pb.CreateContainerResponse(container_id=cid)
 
@@ -137,18 +128,10 @@ class RuntimeServicer:
 
     async def ListContainers(self, request: Any, call: Call) -> Any:
         f = request.filter
-        out = []
-        for c in self.core.pods.containers():
-            if f.id and c.id != f.id:
-                continue
-            if f.pod_sandbox_id and c.sandbox_id != f.pod_sandbox_id:
-                continue
-            if f.HasField("state") and call.pb.ContainerState.Value(c.state) != f.state.state:
-                continue
-            if not convert.labels_match(c.labels, f.label_selector):
-                continue
-            out.append(convert.container(call, c))
-        return call.pb.ListContainersResponse(containers=out)
+        return call.pb.ListContainersResponse(containers=[
+            convert.container(call, c) for c in self.core.pods.containers()
+            if (not f.pod_sandbox_id or c.sandbox_id == f.pod_sandbox_id)
+            and convert.matches(f, c.id, call.pb.ContainerState.Value(c.state), c.labels)])
 
     async def ContainerStatus(self, request: Any, call: Call) -> Any:
         c = self.core.pods.container(request.container_id)

@@ -17,7 +17,6 @@ import shutil
 import threading
 import time
 import uuid as uuid_mod
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,7 +98,7 @@ class Pods:
         self._containers: dict[str, ContainerRecord] = {}
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._pod_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._pod_locks: dict[str, threading.Lock] = {}
         self._reconciled = False
         self._reconcile_lock = threading.Lock()
         vm_root.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -111,6 +110,13 @@ class Pods:
             c = ContainerRecord.from_dict(data)
             self._containers[c.id] = c
         domains.watch(self._on_event)
+
+    def _pod_lock(self, sandbox_id: str) -> threading.Lock:
+        """The lock serialising mutations of one pod. Made under the memory lock, so two
+        threads asking at once get the same one; kept after removal, since a waiter may
+        still hold it (one small object per pod ever seen)."""
+        with self._lock:
+            return self._pod_locks.setdefault(sandbox_id, threading.Lock())
 
     # -- persistence ----------------------------------------------------------------------
 
@@ -160,12 +166,14 @@ class Pods:
                 code, reason = STOP_REASONS.get(dom.state.stop_reason, STOP_REASONS["unknown"])
                 self._set(rec, state=EXITED, finished_at=now_ns(), exit_code=code,
                           reason=reason, message="stopped while the runtime was down")
+                # Copy what it printed after our last saved offset, then let go of it.
+                self._follow_console(rec)
                 self.console.forget(rec.id)
         for uuid in doms:
             log.warning("domain %s has our prefix but no record here; leaving it untouched",
                         domain_name(uuid), extra={"CONTAINER_ID": uuid})
-        # A network without a sandbox record: RunPodSandbox died before writing READY and
-        # the kubelet will never ask for it again. Its CNI DEL releases the address.
+        # A network without a sandbox record: a RunPodSandbox whose CNI ADD failed and whose
+        # undo (CNI DEL) failed too. No RPC names it any more; its DEL releases the address.
         for sid in set(self.networks.sandbox_ids()) - set(self._sandboxes):
             log.warning("tearing down the network of unknown sandbox %s (orphan rule: no "
                         "sandbox record)", sid, extra={"POD_SANDBOX_ID": sid})
@@ -218,7 +226,7 @@ class Pods:
         check_id("pod uid", sb.id)
         net_config = parse_vm_config({k: v for k, v in sb.annotations.items()
                                       if k in NETWORK_ANNOTATIONS})
-        with self._pod_locks[sb.id]:
+        with self._pod_lock(sb.id):
             existing = self._sandboxes.get(sb.id)
             if existing is not None and existing.state == SANDBOX_READY:
                 return existing.id  # a repeated call: the same answer
@@ -262,7 +270,7 @@ class Pods:
             return  # already gone: success, as the CRI requires
         for c in self.containers_of(sandbox_id):
             self.stop_container(c.id, 0)
-        with self._pod_locks[sandbox_id]:
+        with self._pod_lock(sandbox_id):
             with self._lock:
                 if sb.state != SANDBOX_NOTREADY:
                     sb.state = SANDBOX_NOTREADY
@@ -274,12 +282,11 @@ class Pods:
             return
         for c in self.containers_of(sandbox_id):
             self.remove_container(c.id)
-        with self._pod_locks[sandbox_id]:
+        with self._pod_lock(sandbox_id):
             self.networks.teardown(sandbox_id)
             self._store.delete("sandboxes", sandbox_id)
             with self._lock:
                 self._sandboxes.pop(sandbox_id, None)
-        self._pod_locks.pop(sandbox_id, None)
         log.info("sandbox %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
 
     # -- containers -----------------------------------------------------------------------
@@ -305,7 +312,7 @@ class Pods:
 
     def create_container(self, sandbox_id: str, c: ContainerInput) -> str:
         self.ensure_reconciled()
-        with self._pod_locks[sandbox_id]:
+        with self._pod_lock(sandbox_id):
             sb = self.sandbox(sandbox_id)
             if sb.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox_id} is not ready")
@@ -385,22 +392,35 @@ class Pods:
     def start_container(self, cid: str) -> None:
         self.ensure_reconciled()
         rec = self.container(cid)
-        with self._pod_locks[rec.sandbox_id]:
+        with self._pod_lock(rec.sandbox_id):
             if rec.state == RUNNING:
                 return
             if self.sandbox(rec.sandbox_id).state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {rec.sandbox_id} is stopped")
             previous = dataclasses.replace(rec)
+
+            def undo() -> None:
+                self._set(rec, **{f.name: getattr(previous, f.name)
+                                  for f in dataclasses.fields(previous)})
+
             self._set(rec, state=RUNNING, started_at=now_ns(), finished_at=0, exit_code=0,
                       reason="", message="", stop_requested=False)
             self._follow_console(rec)
             try:
                 self.networks.before_vm_start(rec.sandbox_id)
                 self._domains.start(cid)
+            except BaseException:
+                undo()
+                raise
+            try:
                 self.networks.after_vm_started(rec.sandbox_id)
             except BaseException:
-                self._set(rec, **{f.name: getattr(previous, f.name)
-                                  for f in dataclasses.fields(previous)})
+                # This call started the VM but could not bridge its taps: a VM nobody can
+                # reach, that memory would call RUNNING so a retry would do nothing. Undo
+                # this start (our own, seconds old) and let the kubelet retry.
+                self._domains.destroy(cid)
+                self._wait_state(rec, STOP_AFTER_DESTROY)
+                undo()
                 raise
         log.info("container %s started", cid, extra={"CONTAINER_ID": cid})
 
@@ -421,7 +441,7 @@ class Pods:
             rec = self._containers.get(cid)
         if rec is None or rec.state == CREATING:
             return  # gone: success
-        with self._pod_locks[rec.sandbox_id]:
+        with self._pod_lock(rec.sandbox_id):
             if rec.state != RUNNING:
                 return
             self._set(rec, stop_requested=True)
@@ -446,7 +466,7 @@ class Pods:
             rec = self._containers.get(cid)
         if rec is None:
             return
-        with self._pod_locks[rec.sandbox_id]:
+        with self._pod_lock(rec.sandbox_id):
             self.console.forget(cid)
             self._domains.undefine(cid)
             shutil.rmtree(rec.vm_dir, ignore_errors=True)
@@ -486,12 +506,12 @@ class Pods:
 
     def attach_nic(self, pod: str, nic: NicInfo, vpc: str) -> None:
         sb = self.resolve_pod(pod)
-        with self._pod_locks[sb.id]:
+        with self._pod_lock(sb.id):
             self.networks.attach_nic(sb.id, self._vm_of(sb.id), nic, vpc)
 
     def detach_nic(self, pod: str, name: str) -> None:
         sb = self.resolve_pod(pod)
-        with self._pod_locks[sb.id]:
+        with self._pod_lock(sb.id):
             self.networks.detach_nic(sb.id, self._vm_of(sb.id), name)
 
     def list_nics(self, pod: str) -> list[NicStatus]:
