@@ -519,6 +519,12 @@ class ImageStore:
                 )
             if scheme != "file" and not parts.hostname:
                 raise InvalidArgument(f"image {_show(raw)} translates to a URL with no host")
+            # The name fills the rule's groups: it must not climb out of the rule's path.
+            segments = urllib.parse.unquote(parts.path).split("/")
+            if any(seg in (".", "..") for seg in segments):
+                raise InvalidArgument(
+                    f"image {_show(raw)} translates to a URL with '.' or '..' path segments"
+                )
             return url
         if ref.scheme is not None and ref.scheme not in self.allowed_schemes:
             raise InvalidArgument(

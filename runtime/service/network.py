@@ -55,7 +55,7 @@ from ..errors import (
     RuntimeError_,
     Unavailable,
 )
-from .vmconfig import NicInfo, VMConfig, nics_to_json
+from .vmconfig import NicInfo, VMConfig, ifname_problem, nics_to_json
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ NIC_UNKNOWN, NIC_INPROGRESS, NIC_READY, NIC_FAILED = (
 # attachment states
 ADDING, READY, DETACHING = "adding", "ready", "detaching"
 
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -207,11 +206,9 @@ def validate_nic(nic: NicInfo, vpc: str = "") -> None:
     """A NicSpec from AttachNetworkInterface; InvalidArgument naming the bad field."""
     if not nic.name:
         raise InvalidArgument("NicSpec.Name is required")
-    if not _IFNAME.fullmatch(nic.name) or nic.name in (".", ".."):
-        raise InvalidArgument(f"NicSpec.Name {nic.name[:40]!r} is not an interface name "
-                              "(1-15 characters of [A-Za-z0-9_.-])")
-    if nic.name == "lo" or nic.name.startswith((vmnet.BRIDGE_PREFIX, vmnet.TAP_PREFIX)):
-        raise InvalidArgument(f"NicSpec.Name {nic.name!r} is reserved")
+    problem = ifname_problem(nic.name)
+    if problem:
+        raise InvalidArgument(f"NicSpec.Name {problem}")
     for field, value in (("SubnetName", nic.subnet_name), ("PortId", nic.port_id),
                          ("IpAddress", nic.ip_address), ("tag", nic.tag), ("VPC", vpc)):
         if len(value) > 253:
@@ -547,7 +544,11 @@ class PodNetworks:
                     for att in [a for a in st.attachments if a.hotplug and a.state == ADDING]:
                         log.info("rolling back NIC %s of %s: its attach was cut short",
                                  att.ifname, sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
-                        self._remove_attachment(st, att, att.domain or None)
+                        try:
+                            self._remove_attachment(st, att, att.domain or None)
+                        except Exception:  # the pod's other NICs still need their taps/DHCP
+                            log.exception("rolling back NIC %s of %s failed", att.ifname,
+                                          sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
                     vmnet.move_opened_taps(st.netns, st.ports())
                     if not dhcp.running(self._dir(sandbox_id)):
                         self._restart_dhcp(st)
@@ -579,7 +580,8 @@ class PodNetworks:
                 raise AlreadyExists(f"pod sandbox {sandbox_id} already has an interface "
                                     f"{nic.name}")
             the_vpc = vpc or st.vpc
-            extra = [(k, v) for k, v in st.extra_args if not (k == "IP" and nic.ip_address)]
+            # The pod's cni-args may carry IP= for eth0; a new NIC never inherits it.
+            extra = [(k, v) for k, v in st.extra_args if k != "IP"]
             if nic.ip_address:
                 extra.append(("IP", nic.ip_address))
             args = self._base_args(st, the_vpc, nics_to_json([nic]), extra)

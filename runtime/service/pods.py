@@ -38,6 +38,7 @@ from .records import (
     SANDBOX_READY,
     ContainerRecord,
     SandboxRecord,
+    check_hostname,
     check_id,
 )
 from .store import Store
@@ -224,6 +225,8 @@ class Pods:
 
     def run_sandbox(self, sb: SandboxRecord) -> str:
         check_id("pod uid", sb.id)
+        if sb.hostname:
+            check_hostname(sb.hostname)
         net_config = parse_vm_config({k: v for k, v in sb.annotations.items()
                                       if k in NETWORK_ANNOTATIONS})
         with self._pod_lock(sb.id):
@@ -345,6 +348,10 @@ class Pods:
             with self._lock:
                 self._containers[cid] = rec
             try:
+                # The record now pins the image (image_in_use); a RemoveImage that ran
+                # between the lookup above and here has taken the bytes away.
+                if self._images.status(image.id) is None:
+                    raise NotFound(f"image {c.image[:200]!r} was removed meanwhile")
                 vm_dir = Path(rec.vm_dir)
                 vm_dir.mkdir(mode=0o711)
                 disks.create_overlay(image.path, image.format, vm_dir / "root.qcow2",

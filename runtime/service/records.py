@@ -19,6 +19,10 @@ CREATED, RUNNING, EXITED, UNKNOWN = (
 # A pod UID as Kubernetes makes them (a UUID), or the ids crictl and tests use.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
+# RFC 1123 host names: the guest's hostname comes from here (cloud-init local-hostname).
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
 R = TypeVar("R", bound="_Record")
 
 
@@ -27,6 +31,12 @@ def check_id(what: str, value: str) -> str:
         raise InvalidArgument(
             f"{what} {value[:80]!r} must be 1-128 characters of [A-Za-z0-9_.-], "
             "starting with a letter or digit")
+    return value
+
+
+def check_hostname(value: str) -> str:
+    if not _HOSTNAME.fullmatch(value):
+        raise InvalidArgument(f"hostname {value[:80]!r} is not an RFC 1123 host name")
     return value
 
 

@@ -29,6 +29,7 @@ from typing import Any, Literal, cast
 
 import yaml
 
+from ..adapters.vmnet import BRIDGE_PREFIX, TAP_PREFIX
 from ..errors import InvalidArgument
 
 # --- annotation names (the contract table) -------------------------------------------------
@@ -448,7 +449,22 @@ def _parse_vpc(annotations: Mapping[str, str]) -> str:
     return value
 
 
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+# An interface name reaches `ip ... dev NAME` and CNI_IFNAME: no leading '-' or '.'.
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+# Names the runtime uses itself inside the pod's namespace (vmnet's bridges and taps).
+_RESERVED_IFNAMES = ("lo",)
+_RESERVED_IFNAME_PREFIXES = (BRIDGE_PREFIX, TAP_PREFIX)
+
+
+def ifname_problem(name: str) -> str | None:
+    """Why `name` cannot be a pod NIC's interface name, or None when it can. Shared by the
+    NICs annotation and the NIC hot-plug RPCs."""
+    if not _IFNAME.fullmatch(name):
+        return (f"{_shown(name)} is not an interface name (1-15 characters of "
+                "[A-Za-z0-9_.-], not starting with '-' or '.')")
+    if name in _RESERVED_IFNAMES or name.startswith(_RESERVED_IFNAME_PREFIXES):
+        return f"{name!r} is reserved for the runtime's own interfaces"
+    return None
 _NIC_STRING_KEYS = {
     "name": "name",
     "subnetName": "subnet_name",
@@ -491,8 +507,9 @@ def _parse_nics(annotations: Mapping[str, str]) -> tuple[NicInfo, ...]:
         fields["ipv6_enabled"] = ipv6
         name = fields["name"]
         if name:
-            if not _IFNAME.fullmatch(name):
-                raise _bad(ANN_NICS, f"{where}: name {_shown(name)} is not an interface name")
+            problem = ifname_problem(name)
+            if problem:
+                raise _bad(ANN_NICS, f"{where}: name {problem}")
             if name in seen:
                 raise _bad(ANN_NICS, f"{where}: name {name!r} appears twice")
             seen.add(name)

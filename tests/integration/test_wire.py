@@ -184,3 +184,15 @@ def test_daemon_serves_on_debian_12_python_packages(short_tmp) -> None:
                 .runtime_api_version == api
     finally:
         assert d.stop() == 0
+
+
+def test_a_hostname_that_is_not_one_is_refused_before_anything_is_made(daemon: Daemon) -> None:
+    pb, _ = APIS["v1alpha2"]
+    cfg = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name="p", uid="u-1", namespace="n"),
+        hostname="x</name>\nruncmd: [reboot]")
+    with pytest.raises(grpc.RpcError) as e:
+        daemon.runtime("v1alpha2").RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hostname" in e.value.details()
+    assert not daemon.runtime("v1alpha2").ListPodSandbox(pb.ListPodSandboxRequest(),
+                                                         timeout=10).items

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -759,3 +760,19 @@ def test_fs_usage(store: ImageStore, server: Server, images: dict[str, bytes]) -
     store.pull(f"{server.host}/images/a.qcow2")
     used, inodes = store.fs_usage()
     assert used >= empty_bytes + 4096 and inodes == empty_inodes + 2
+
+
+def test_a_translated_name_cannot_climb_out_of_the_rule_path(
+    tmp_path: Path, server: Server
+) -> None:
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "10-any.yaml").write_text(
+        "translations:\n"
+        f"  - regexp: 'any/(.+)'\n    url: 'http://{server.host}/images/\\1'\n"
+    )
+    with ImageStore(tmp_path / "s", translations=ImageTranslator(d)) as s:
+        for name in ("any/../../etc/passwd", "any/a/%2e%2e/b.qcow2", "any/./a.qcow2"):
+            with pytest.raises(InvalidArgument, match=re.escape("'.' or '..' path segments")):
+                s.pull(name)
+    assert not any(p.startswith("/etc") for p in server.hits)

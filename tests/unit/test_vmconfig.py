@@ -612,3 +612,10 @@ def test_every_bad_annotation_named() -> None:
     for name, value in EVERY_BAD.items():
         err = bad({name: value}, name)
         assert err.context.get("annotation") == name
+
+
+@pytest.mark.parametrize("name", ["-x", ".x", "..", "lo", "avbr0", "avt1234", "a" * 16])
+def test_nic_names_that_ip_or_the_runtime_would_misread_are_refused(name: str) -> None:
+    nics = json.dumps([{"name": name, "portId": "p"}])
+    with pytest.raises(InvalidArgument, match="NICs"):
+        parse_vm_config({"NICs": nics})
