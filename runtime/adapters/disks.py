@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -32,14 +31,3 @@ def create_overlay(base: Path, base_format: str, dest: Path, size_bytes: int) ->
     _qemu_img("create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base), str(tmp),
               str(size_bytes))
     tmp.rename(dest)
-
-
-def virtual_size(path: Path) -> int:
-    info = json.loads(_qemu_img("info", "--output=json", str(path)))
-    return int(info["virtual-size"])
-
-
-def backing_file(path: Path) -> str | None:
-    info = json.loads(_qemu_img("info", "--output=json", "-U", str(path)))
-    value = info.get("backing-filename")
-    return str(value) if value else None

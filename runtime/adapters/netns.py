@@ -130,11 +130,6 @@ def exec_argv(name: str, argv: Sequence[str]) -> list[str]:
     return [IP, "netns", "exec", check_name(name), *argv]
 
 
-def links(netns: str | None = None) -> dict[str, dict[str, Any]]:
-    """Every link of the namespace (None: the daemon's own), by name, as `ip -j link` says."""
-    return {str(link["ifname"]): link for link in ip("link", "show", netns=netns, json_out=True)}
-
-
 def link(name: str, netns: str | None = None) -> dict[str, Any] | None:
     """One link as `ip -j -d link show` describes it, or None if there is no such link."""
     if netns is not None and not exists(netns):
@@ -185,7 +180,3 @@ def socket_in(name: str, family: int = socket.AF_INET6,
         raise Internal(f"cannot make a socket in network namespace {name}: {result}")
     return result
 
-
-def own_pid() -> str:
-    """`ip link set ... netns PID` with our pid moves a link into the daemon's namespace."""
-    return str(os.getpid())

@@ -1,6 +1,8 @@
 """The main scenario with a real Debian guest and real cloud-init, through both CRI
-versions: the pod's user-data runcmd prints a line that must reach the pod's log file,
-then stop, start again, remove, and nothing left behind. Minutes under TCG: marked slow.
+versions: the pod's user-data runcmd prints a line that must reach the pod's log file, the
+guest answers on its CNI address, ACPI stop, remove, and nothing left behind (starting a
+stopped VM again is covered with the minimal guest in test_vm_pods). Minutes under TCG:
+marked slow.
 """
 
 from __future__ import annotations

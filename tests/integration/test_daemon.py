@@ -273,8 +273,8 @@ def test_journald_native_protocol_carries_structured_fields(short_tmp: Path) -> 
         assert hit, f"no StopContainer entry among {entries}"
         e = hit[0]
         assert e["CONTAINER_ID"] == "abc123"
-        assert e["GRPC_CODE"] and e["SYSLOG_IDENTIFIER"] == "arktos-vm-runtime"
-        assert e["PRIORITY"] in "3456"
+        assert e["GRPC_CODE"] == "OK" and e["SYSLOG_IDENTIFIER"] == "arktos-vm-runtime"
+        assert e["PRIORITY"] == "6"  # INFO
         assert "StopContainer" not in errlog.read_text(), "journald mode: nothing on stderr"
     finally:
         journal.close()

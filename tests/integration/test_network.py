@@ -161,6 +161,7 @@ def test_cni_args_arrive_intact_on_add_and_on_del_after_a_restart(net: CniTestNe
     deadline = time.monotonic() + 5
     while dhcp.running(netdir) and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert not dhcp.running(netdir), "dnsmasq outlived SIGTERM: restore() would prove nothing"
     # the conf dir changes meanwhile: DEL must still use the configuration of the ADD
     (net.conf_dir / "10-avrtest.conflist").unlink()
     pn2 = networks(net)

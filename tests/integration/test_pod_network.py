@@ -119,7 +119,8 @@ def test_vm_pod_on_the_cni_network(short_tmp: Path, cni_net: CniTestNet,
         dels = [c for c in net.calls() if c["CNI_COMMAND"] == "DEL"
                 and c["CNI_IFNAME"] == "eth0"]
         assert dels and dels[-1]["CNI_ARGS"] == adds[0]["CNI_ARGS"]
-        assert dels[-1]["stdin"].get("prevResult"), "DEL carries the stored ADD result"
+        # DEL carries the stored ADD result: what the plugin chain returned to the runtime.
+        assert dels[-1]["stdin"]["prevResult"] == adds[0]["stdin"]["prevResult"]
         rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
         sid = ""
         assert not net.ip_files()

@@ -162,8 +162,9 @@ def test_vm_pod_lifecycle(vm_daemon: Daemon, served_minimal_image: str, api: str
     img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=served_minimal_image)),
                     timeout=10)
     assert not img.ListImages(pb.ListImagesRequest(), timeout=10).images
-    blobs = Path(d.state_dir) / "images" / "blobs" / "sha256"
-    assert not any(blobs.iterdir()) if blobs.exists() else True
+    images_dir = Path(d.state_dir) / "images"
+    assert images_dir.is_dir()
+    assert not [p for p in images_dir.rglob("*") if p.is_file() and p.name != ".lock"]
 
 
 def _qemu_pid(cid: str) -> int:

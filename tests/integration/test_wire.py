@@ -171,9 +171,12 @@ def test_daemon_serves_on_debian_12_python_packages(short_tmp) -> None:
     (shim / "arktos_vm_runtime").symlink_to(os.path.dirname(arktos_vm_runtime.__file__))
     probe = subprocess.run(
         ["/usr/bin/python3", "-c", "import grpc, google.protobuf as p; "
-         "print(grpc.__file__, p.__version__)"],
+         "print(grpc.__file__, p.__file__, grpc.__version__, p.__version__)"],
         capture_output=True, text=True, env={"PYTHONPATH": str(shim)}, check=True)
-    assert probe.stdout.startswith("/usr/lib/python3/dist-packages/"), probe.stdout
+    grpc_file, pb_file, grpc_version, pb_version = probe.stdout.split()
+    assert grpc_file.startswith("/usr/lib/python3/dist-packages/"), probe.stdout
+    assert pb_file.startswith("/usr/lib/python3/dist-packages/"), probe.stdout
+    assert grpc_version.startswith("1.51.") and pb_version.startswith("4.21."), probe.stdout
     d = Daemon(short_tmp, env={"PYTHONPATH": str(shim)})
     d.argv[0] = "/usr/bin/python3"
     d.start()

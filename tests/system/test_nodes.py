@@ -71,9 +71,10 @@ def test_units_verify_and_exposure(node: Node) -> None:
     print(f"{node.name}: {last}")
     assert exposure <= 6.0
     # The daemon shares the host's mount namespace (pod netns pinned under /run/netns).
+    node.out(CHECK)  # socket activation: a call makes sure the daemon runs
     pid = node.prop(SERVICE, "MainPID")
-    if pid != "0":
-        assert node.out("readlink /proc/1/ns/mnt") == node.out(f"readlink /proc/{pid}/ns/mnt")
+    assert pid != "0"
+    assert node.out("readlink /proc/1/ns/mnt") == node.out(f"readlink /proc/{pid}/ns/mnt")
 
 
 def test_socket_activation(node: Node) -> None:
