@@ -479,6 +479,11 @@ class PodNetworks:
         log.info("network of %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
 
     def _teardown_locked(self, st: PodState) -> None:
+        # Not ready from here on, even if a CNI DEL fails below: restore() must not bring
+        # DHCP back for a pod half torn down; the next teardown retries the DEL.
+        if st.ready:
+            st.ready = False
+            self._save(st)
         dhcp.stop(self._dir(st.sandbox_id))
         for slot in range(st.next_slot):
             tap = vmnet.tap_name(st.sandbox_id, slot)
