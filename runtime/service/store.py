@@ -10,6 +10,7 @@ The connection is shared by the event loop's worker threads, so every access hol
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -17,10 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-Migration = Callable[[sqlite3.Connection], None]
+log = logging.getLogger(__name__)
+
+# A migration changes the schema inside one transaction. It gets the state directory, so it
+# can carry records over from files an older version kept, and returns the files to delete
+# once its transaction has committed (a crash before that leaves them, unread, behind).
+Migration = Callable[[sqlite3.Connection, Path], list[Path]]
 
 
-def _v1(db: sqlite3.Connection) -> None:
+def _v1(db: sqlite3.Connection, root: Path) -> list[Path]:
     db.execute("CREATE TABLE sandboxes (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
     db.execute(
         "CREATE TABLE containers (id TEXT PRIMARY KEY, sandbox_id TEXT NOT NULL, "
@@ -28,13 +34,55 @@ def _v1(db: sqlite3.Connection) -> None:
     )
     db.execute("CREATE INDEX containers_by_sandbox ON containers (sandbox_id)")
     db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    return []
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.error("state file %s cannot be read (%s); leaving it for an operator", path, e)
+        return None
+    if not isinstance(data, dict):
+        log.error("state file %s holds no JSON object; leaving it for an operator", path)
+        return None
+    return data
+
+
+def _v2(db: sqlite3.Connection, root: Path) -> list[Path]:
+    """Pod network state and image names move into the store from the files version 1
+    kept: <root>/networks/<sandbox id>/network.json and <root>/images/names/<sha>.json."""
+    db.execute("CREATE TABLE networks (id TEXT PRIMARY KEY, data TEXT NOT NULL)")
+    db.execute("CREATE TABLE image_names (id TEXT PRIMARY KEY, digest TEXT NOT NULL, "
+               "data TEXT NOT NULL)")
+    db.execute("CREATE INDEX image_names_by_digest ON image_names (digest)")
+    carried: list[Path] = []
+    for path in sorted((root / "networks").glob("*/network.json")):
+        data = _read_json(path)
+        if data is None or data.get("sandbox_id") != path.parent.name:
+            continue
+        db.execute("INSERT OR REPLACE INTO networks (id, data) VALUES (?, ?)",
+                   (path.parent.name, json.dumps(data, sort_keys=True)))
+        carried.append(path)
+    for path in sorted((root / "images" / "names").glob("*.json")):
+        data = _read_json(path)
+        if data is None or not isinstance(data.get("name"), str) \
+                or not isinstance(data.get("digest"), str):
+            continue
+        db.execute("INSERT OR REPLACE INTO image_names (id, digest, data) VALUES (?, ?, ?)",
+                   (data["name"], data["digest"], json.dumps(data, sort_keys=True)))
+        carried.append(path)
+    if carried:
+        log.info("state store: carried %d record file(s) over from the previous version",
+                 len(carried))
+    return carried
 
 
 # MIGRATIONS[n] takes a store at version n to version n + 1. Append; never edit.
-MIGRATIONS: list[Migration] = [_v1]
+MIGRATIONS: list[Migration] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-TABLES = ("sandboxes", "containers")
+TABLES = ("sandboxes", "containers", "networks", "image_names")
 
 
 class StoreError(Exception):
@@ -61,8 +109,10 @@ class Store:
                 )
             for n in range(version, SCHEMA_VERSION):
                 with self.transaction() as db:
-                    MIGRATIONS[n](db)
+                    carried = MIGRATIONS[n](db, self.path.parent)
                     db.execute(f"PRAGMA user_version={n + 1}")
+                for path in carried:
+                    path.unlink(missing_ok=True)
 
     @property
     def schema_version(self) -> int:
