@@ -791,3 +791,77 @@ def test_iso_built_without_a_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not kwargs.get("shell")
     assert (tmp_path / "a b;$(x).iso").is_file()
     assert os.listdir(tmp_path) == ["a b;$(x).iso"]
+
+
+# --- golden files -------------------------------------------------------------------------
+
+GOLDEN = Path(__file__).parent / "golden"
+USER_DATA = textwrap.dedent(
+    """
+    runcmd:
+      - [sh, -c, "echo ready > /dev/ttyS0"]
+    users:
+      - name: demo
+        sudo: ALL=(ALL) NOPASSWD:ALL
+    bootcmd: ["echo 'it''s \\"quoted\\"'"]
+    """
+)
+GOLDEN_SEEDS: dict[str, dict[str, Any]] = {
+    # the defaults: no keys, no env, no pod data, no network
+    "minimal": {},
+    # keys, env, pod user-data and meta-data merged over the generated ones, static network
+    "full": {
+        "annotations": {
+            "VirtletSSHKeys": f"{ssh_key(1)}\n{ssh_key(2, 'other@example')}\n",
+            "VirtletCloudInitUserData": USER_DATA,
+            "VirtletCloudInitMetaData": "extra: {a: 1}\nwhen: 2024-01-02\n",
+        },
+        "env": [("FOO", "bar baz"), ("QUOTED", 'a "b" $c `d`'), ("EMPTY", "")],
+        "network": True,
+    },
+    # the pod forces DHCP on the CNI interfaces
+    "dhcp": {
+        "annotations": {"VirtletForceDHCPNetworkConfig": "true", "VirtletSSHKeys": ssh_key(3)},
+        "env": [("A", "1")],
+        "network": True,
+    },
+    # the pod's user-data replaces the generated one
+    "overwrite": {
+        "annotations": {
+            "VirtletSSHKeys": ssh_key(4),
+            "VirtletCloudInitUserData": "runcmd: [[echo, hi]]\n",
+            "VirtletCloudInitUserDataOverwrite": "true",
+        },
+        "env": [("A", "1")],
+    },
+    # a user-data script goes in verbatim
+    "script": {
+        "annotations": {"VirtletCloudInitUserDataScript": "#!/bin/sh\necho hi > /dev/ttyS0\n"},
+        "env": [("A", "1")],
+        "network": True,
+    },
+}
+
+
+def golden_text(case: dict[str, Any], kind: str) -> str:
+    vm = parse_vm_config(case.get("annotations", {}))
+    network = sample_network() if case.get("network") else None
+    files = seed(vm, env=case.get("env", []), network=network)
+    label, layout = ci._layout(files, kind)  # type: ignore[arg-type]
+    parts = [f"# {kind} seed, volume label {label}\n"]
+    for path in sorted(layout):
+        parts.append(f"==> {path} <==\n{layout[path]}")
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("kind", ["nocloud", "configdrive"])
+@pytest.mark.parametrize("case", sorted(GOLDEN_SEEDS))
+def test_seed_golden(case: str, kind: str) -> None:
+    """Every file of the seed, as the ISO holds it; AVR_REGEN_GOLDEN=1 rewrites them."""
+    text = golden_text(GOLDEN_SEEDS[case], kind)
+    golden = GOLDEN / f"seed-{case}-{kind}.txt"
+    if os.environ.get("AVR_REGEN_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.is_file(), f"missing {golden}: run with AVR_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"{golden.name} differs; AVR_REGEN_GOLDEN=1 rewrites it"
