@@ -17,17 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from arktos_vm_runtime.adapters import cloudinit as ci
-from arktos_vm_runtime.adapters.cloudinit import (
-    NetInterface,
-    NetworkInfo,
-    SeedFiles,
-    deep_merge,
-    environment_file,
-    render_seed,
-    write_seed_iso,
-)
-from arktos_vm_runtime.errors import Internal, InvalidArgument
+from arktos_vm_runtime.adapters import proc, seed_iso
+from arktos_vm_runtime.adapters.seed_iso import SeedFiles, seed_layout, write_seed_iso
+from arktos_vm_runtime.errors import Internal, InvalidArgument, Unavailable
+from arktos_vm_runtime.service.guest_network import NetInterface, NetworkInfo
+from arktos_vm_runtime.service.seed import deep_merge, environment_file, render_seed
 from arktos_vm_runtime.service.vmconfig import VMConfig, parse_vm_config
 
 TEMPLATES = [Path(__file__).resolve().parents[2] / "templates"]
@@ -591,7 +585,7 @@ def test_network_info_refuses() -> None:
 def test_operator_override_of_a_cloud_init_template(tmp_path: Path) -> None:
     (tmp_path / "cloud-init").mkdir()
     (tmp_path / "cloud-init" / "meta-data.j2").write_text(
-        "{{ meta_data | to_yaml }}operator-extra: 1\n"
+        (TEMPLATES[0] / "cloud-init" / "meta-data.j2").read_text() + "operator-extra: 1\n"
     )
     files = seed(template_dirs=[tmp_path, *TEMPLATES])
     meta = yaml.safe_load(files.meta_data)
@@ -745,18 +739,21 @@ def test_iso_replaces_existing_atomically(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seed.iso"]
 
 
-@pytest.mark.parametrize("binary", ["false", "/nonexistent/genisoimage"])
+@pytest.mark.parametrize(
+    ("binary", "error"),
+    [("false", Internal), ("/nonexistent/genisoimage", Unavailable)],  # proc.run's mapping
+)
 def test_iso_failure_leaves_nothing(
-    binary: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    binary: str, error: type[Exception], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ci, "GENISOIMAGE", binary)
+    monkeypatch.setattr(seed_iso, "GENISOIMAGE", binary)
     new = tmp_path / "new.iso"
-    with pytest.raises(Internal):
+    with pytest.raises(error):
         write_seed_iso(seed(), "nocloud", new)
     assert list(tmp_path.iterdir()) == []
     old = tmp_path / "old.iso"
     old.write_bytes(b"previous")
-    with pytest.raises(Internal):
+    with pytest.raises(error):
         write_seed_iso(seed(), "configdrive", old)
     assert old.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["old.iso"]
@@ -775,17 +772,19 @@ def test_iso_dest_dir_missing(tmp_path: Path) -> None:
 
 
 def test_iso_built_without_a_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the one runner (proc.run), as an argv with no shell."""
     calls: list[Any] = []
-    real_run = subprocess.run
+    real_popen = subprocess.Popen
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         calls.append((args, kwargs))
-        return real_run(*args, **kwargs)
+        return real_popen(*args, **kwargs)
 
-    monkeypatch.setattr(ci.subprocess, "run", spy)
+    monkeypatch.setattr(proc.subprocess, "Popen", spy)
     write_seed_iso(seed(), "nocloud", tmp_path / "a b;$(x).iso")
     (argv,), kwargs = calls[0]
-    assert isinstance(argv, list) and argv[0] == "genisoimage"
+    assert isinstance(argv, (list, tuple)) and argv[0] == "genisoimage"
+    assert kwargs.get("start_new_session")  # its process group is killed on a timeout
     assert argv[argv.index("-volid") + 1] == "cidata"
     assert "-joliet" in argv and "-rock" in argv
     assert not kwargs.get("shell")
@@ -847,7 +846,7 @@ def golden_text(case: dict[str, Any], kind: str) -> str:
     vm = parse_vm_config(case.get("annotations", {}))
     network = sample_network() if case.get("network") else None
     files = seed(vm, env=case.get("env", []), network=network)
-    label, layout = ci._layout(files, kind)  # type: ignore[arg-type]
+    label, layout = seed_layout(files, kind)  # type: ignore[arg-type]
     parts = [f"# {kind} seed, volume label {label}\n"]
     for path in sorted(layout):
         parts.append(f"==> {path} <==\n{layout[path]}")

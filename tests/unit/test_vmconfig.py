@@ -15,12 +15,12 @@ import pytest
 
 from arktos_vm_runtime.errors import InvalidArgument
 from arktos_vm_runtime.service import vmconfig as vc
+from arktos_vm_runtime.service.quantity import parse_quantity_bytes
+from arktos_vm_runtime.service.ssh_keys import check_ssh_public_key
 from arktos_vm_runtime.service.vmconfig import (
     NicInfo,
     VMConfig,
-    check_ssh_public_key,
     nics_to_json,
-    parse_quantity_bytes,
     parse_vm_config,
 )
 
