@@ -562,6 +562,9 @@ def test_force_dhcp(kind: str) -> None:
         {"mac": "52:54:00:12:34:56", "gateways": ("gw",)},
         {"mac": "52:54:00:12:34:56", "routes": (("x", "10.0.0.1"),)},
         {"mac": "52:54:00:12:34:56", "name": "eth0: {}"},
+        {"mac": "52:54:00:12:34:56", "name": "-eth0"},  # the shared interface-name rule
+        {"mac": "52:54:00:12:34:56", "name": "x" * 16},
+        {"mac": "52:54:00:AB:CD:EF"},
         {"mac": "52:54:00:12:34:56", "mtu": 10},
     ],
 )
@@ -592,6 +595,47 @@ def test_operator_override_of_a_cloud_init_template(tmp_path: Path) -> None:
     assert meta["operator-extra"] == 1 and meta["local-hostname"] == "vm-pod"
     # the other templates still come from the project
     assert files.user_data == seed().user_data
+
+
+def test_operator_override_of_the_configdrive_templates(tmp_path: Path) -> None:
+    """ConfigDrive's JSON files come from templates too, and the pod's meta-data still
+    merges over what the override renders."""
+    (tmp_path / "cloud-init").mkdir()
+    (tmp_path / "cloud-init" / "meta_data.json.j2").write_text(
+        '{"uuid": {{ instance_id | to_json }}, "hostname": {{ hostname | to_json }},'
+        ' "availability_zone": "rack-1"}\n'
+    )
+    network_template = (TEMPLATES[0] / "cloud-init" / "network_data.json.j2").read_text()
+    (tmp_path / "cloud-init" / "network_data.json.j2").write_text(
+        network_template.replace('"type": "phy"', '"type": "vif"')
+    )
+    vm = VMConfig(meta_data={"availability_zone": "pod-zone", "x": 1})
+    files = seed(vm, template_dirs=[tmp_path, *TEMPLATES], network=sample_network())
+    assert json.loads(files.meta_data_json) == {
+        "uuid": "7b5a4c8e-1f8e-4b8a-9d8e-2f4b1a9c0d11",
+        "hostname": "vm-pod",
+        "availability_zone": "pod-zone",
+        "x": 1,
+    }
+    links = json.loads(files.network_data_json or "")["links"]
+    assert [link["type"] for link in links] == ["vif", "vif"]
+    # the NoCloud files still come from the project's templates
+    assert files.meta_data == seed(vm).meta_data
+
+
+def test_operator_override_of_network_config(tmp_path: Path) -> None:
+    (tmp_path / "cloud-init").mkdir()
+    (tmp_path / "cloud-init" / "network-config.j2").write_text(
+        (TEMPLATES[0] / "cloud-init" / "network-config.j2").read_text().replace(
+            "    set-name:", "    optional: true\n    set-name:"
+        )
+    )
+    cfg = yaml.safe_load(
+        seed(template_dirs=[tmp_path, *TEMPLATES], network=sample_network()).network_config
+        or ""
+    )
+    assert cfg["ethernets"]["eth0"]["optional"] is True
+    assert cfg["ethernets"]["data0"]["addresses"] == ["10.9.0.5/16"]
 
 
 def test_default_template_dirs_are_used() -> None:
