@@ -44,7 +44,6 @@ from typing import Any
 import libvirt
 
 from ..adapters import cni, dhcp, netns, vmnet
-from ..adapters.cloudinit import NetInterface, NetworkInfo
 from ..adapters.domain_xml import InterfaceSpec
 from ..adapters.fsutil import fsync_dir
 from ..errors import (
@@ -55,6 +54,7 @@ from ..errors import (
     RuntimeError_,
     Unavailable,
 )
+from .guest_network import NetInterface, NetworkInfo
 from .vmconfig import NicInfo, VMConfig, ifname_problem, nics_to_json
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters import disks
-from ..adapters.cloudinit import render_seed, write_seed_iso
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.domain_xml import DomainMetadata, DomainSpec, render_domain
 from ..adapters.image_store import ImageStore
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent, domain_name
+from ..adapters.seed_iso import write_seed_iso
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .network import NicStatus, PodNetworks
@@ -41,6 +41,7 @@ from .records import (
     check_hostname,
     check_id,
 )
+from .seed import render_seed
 from .store import Store
 from .vmconfig import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo, parse_vm_config
 

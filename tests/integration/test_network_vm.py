@@ -17,9 +17,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from arktos_vm_runtime.adapters import cloudinit, dhcp, vmnet
+from arktos_vm_runtime.adapters import dhcp, vmnet
+from arktos_vm_runtime.adapters.seed_iso import write_seed_iso
 from arktos_vm_runtime.errors import Unavailable
 from arktos_vm_runtime.service.network import NIC_READY, PodNetworks
+from arktos_vm_runtime.service.seed import render_seed
 from arktos_vm_runtime.service.vmconfig import NicInfo, parse_vm_config
 from tests.guest.images import minimal_guest
 from tests.integration.test_network_common import (
@@ -105,9 +107,9 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         pod = pn.setup(sid, "tenant-a", "default", "vm-pod", parse_vm_config({"VPC": "v1"}))
         figures["setup ms"] = (time.monotonic() - t) * 1000
         vm_static = parse_vm_config({})
-        files = cloudinit.render_seed(vm_static, instance_id=uid, hostname="vm-pod", env=[],
-                                      network=pod.network_info)
-        cloudinit.write_seed_iso(files, "nocloud", seed)
+        files = render_seed(vm_static, instance_id=uid, hostname="vm-pod", env=[],
+                            network=pod.network_info)
+        write_seed_iso(files, "nocloud", seed)
         nic_xml = "\n".join(vmnet.interface_xml(s) for s in pod.interfaces)
         dom = conn.defineXML(domain_xml(name, uid, guest.kernel, guest.initrd, guest.cmdline,
                                         seed, console, nic_xml))
@@ -176,10 +178,9 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         assert vmnet.tap_location(f"avr-{sid}", vmnet.Port.from_dict(
             {"ifname": "eth0", "slot": 0, "bridge": "avbr0", "tap": pod.interfaces[0]
              .target_dev, "guest_mac": "", "mtu": 1500})) == "netns"  # persistent, unopened
-        files = cloudinit.render_seed(parse_vm_config({"VirtletForceDHCPNetworkConfig": "true"}),
-                                      instance_id=uid, hostname="vm-pod", env=[],
-                                      network=pod.network_info)
-        cloudinit.write_seed_iso(files, "nocloud", seed)
+        files = render_seed(parse_vm_config({"VirtletForceDHCPNetworkConfig": "true"}),
+                            instance_id=uid, hostname="vm-pod", env=[], network=pod.network_info)
+        write_seed_iso(files, "nocloud", seed)
         # a NIC attached while the VM is stopped goes into its definition only
         pn.attach_nic(sid, uid, NicInfo(name="eth2", ip_address=f"{net.prefix}78"))
         live, config = vmnet.domain_macs(lambda: conn, uid)

@@ -17,17 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from arktos_vm_runtime.adapters import cloudinit as ci
-from arktos_vm_runtime.adapters.cloudinit import (
-    NetInterface,
-    NetworkInfo,
-    SeedFiles,
-    deep_merge,
-    environment_file,
-    render_seed,
-    write_seed_iso,
-)
-from arktos_vm_runtime.errors import Internal, InvalidArgument
+from arktos_vm_runtime.adapters import proc, seed_iso
+from arktos_vm_runtime.adapters.seed_iso import SeedFiles, seed_layout, write_seed_iso
+from arktos_vm_runtime.errors import Internal, InvalidArgument, Unavailable
+from arktos_vm_runtime.service.guest_network import NetInterface, NetworkInfo
+from arktos_vm_runtime.service.seed import deep_merge, environment_file, render_seed
 from arktos_vm_runtime.service.vmconfig import VMConfig, parse_vm_config
 
 TEMPLATES = [Path(__file__).resolve().parents[2] / "templates"]
@@ -568,6 +562,9 @@ def test_force_dhcp(kind: str) -> None:
         {"mac": "52:54:00:12:34:56", "gateways": ("gw",)},
         {"mac": "52:54:00:12:34:56", "routes": (("x", "10.0.0.1"),)},
         {"mac": "52:54:00:12:34:56", "name": "eth0: {}"},
+        {"mac": "52:54:00:12:34:56", "name": "-eth0"},  # the shared interface-name rule
+        {"mac": "52:54:00:12:34:56", "name": "x" * 16},
+        {"mac": "52:54:00:AB:CD:EF"},
         {"mac": "52:54:00:12:34:56", "mtu": 10},
     ],
 )
@@ -591,13 +588,54 @@ def test_network_info_refuses() -> None:
 def test_operator_override_of_a_cloud_init_template(tmp_path: Path) -> None:
     (tmp_path / "cloud-init").mkdir()
     (tmp_path / "cloud-init" / "meta-data.j2").write_text(
-        "{{ meta_data | to_yaml }}operator-extra: 1\n"
+        (TEMPLATES[0] / "cloud-init" / "meta-data.j2").read_text() + "operator-extra: 1\n"
     )
     files = seed(template_dirs=[tmp_path, *TEMPLATES])
     meta = yaml.safe_load(files.meta_data)
     assert meta["operator-extra"] == 1 and meta["local-hostname"] == "vm-pod"
     # the other templates still come from the project
     assert files.user_data == seed().user_data
+
+
+def test_operator_override_of_the_configdrive_templates(tmp_path: Path) -> None:
+    """ConfigDrive's JSON files come from templates too, and the pod's meta-data still
+    merges over what the override renders."""
+    (tmp_path / "cloud-init").mkdir()
+    (tmp_path / "cloud-init" / "meta_data.json.j2").write_text(
+        '{"uuid": {{ instance_id | to_json }}, "hostname": {{ hostname | to_json }},'
+        ' "availability_zone": "rack-1"}\n'
+    )
+    network_template = (TEMPLATES[0] / "cloud-init" / "network_data.json.j2").read_text()
+    (tmp_path / "cloud-init" / "network_data.json.j2").write_text(
+        network_template.replace('"type": "phy"', '"type": "vif"')
+    )
+    vm = VMConfig(meta_data={"availability_zone": "pod-zone", "x": 1})
+    files = seed(vm, template_dirs=[tmp_path, *TEMPLATES], network=sample_network())
+    assert json.loads(files.meta_data_json) == {
+        "uuid": "7b5a4c8e-1f8e-4b8a-9d8e-2f4b1a9c0d11",
+        "hostname": "vm-pod",
+        "availability_zone": "pod-zone",
+        "x": 1,
+    }
+    links = json.loads(files.network_data_json or "")["links"]
+    assert [link["type"] for link in links] == ["vif", "vif"]
+    # the NoCloud files still come from the project's templates
+    assert files.meta_data == seed(vm).meta_data
+
+
+def test_operator_override_of_network_config(tmp_path: Path) -> None:
+    (tmp_path / "cloud-init").mkdir()
+    (tmp_path / "cloud-init" / "network-config.j2").write_text(
+        (TEMPLATES[0] / "cloud-init" / "network-config.j2").read_text().replace(
+            "    set-name:", "    optional: true\n    set-name:"
+        )
+    )
+    cfg = yaml.safe_load(
+        seed(template_dirs=[tmp_path, *TEMPLATES], network=sample_network()).network_config
+        or ""
+    )
+    assert cfg["ethernets"]["eth0"]["optional"] is True
+    assert cfg["ethernets"]["data0"]["addresses"] == ["10.9.0.5/16"]
 
 
 def test_default_template_dirs_are_used() -> None:
@@ -745,18 +783,21 @@ def test_iso_replaces_existing_atomically(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seed.iso"]
 
 
-@pytest.mark.parametrize("binary", ["false", "/nonexistent/genisoimage"])
+@pytest.mark.parametrize(
+    ("binary", "error"),
+    [("false", Internal), ("/nonexistent/genisoimage", Unavailable)],  # proc.run's mapping
+)
 def test_iso_failure_leaves_nothing(
-    binary: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    binary: str, error: type[Exception], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ci, "GENISOIMAGE", binary)
+    monkeypatch.setattr(seed_iso, "GENISOIMAGE", binary)
     new = tmp_path / "new.iso"
-    with pytest.raises(Internal):
+    with pytest.raises(error):
         write_seed_iso(seed(), "nocloud", new)
     assert list(tmp_path.iterdir()) == []
     old = tmp_path / "old.iso"
     old.write_bytes(b"previous")
-    with pytest.raises(Internal):
+    with pytest.raises(error):
         write_seed_iso(seed(), "configdrive", old)
     assert old.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["old.iso"]
@@ -775,19 +816,95 @@ def test_iso_dest_dir_missing(tmp_path: Path) -> None:
 
 
 def test_iso_built_without_a_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the one runner (proc.run), as an argv with no shell."""
     calls: list[Any] = []
-    real_run = subprocess.run
+    real_popen = subprocess.Popen
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         calls.append((args, kwargs))
-        return real_run(*args, **kwargs)
+        return real_popen(*args, **kwargs)
 
-    monkeypatch.setattr(ci.subprocess, "run", spy)
+    monkeypatch.setattr(proc.subprocess, "Popen", spy)
     write_seed_iso(seed(), "nocloud", tmp_path / "a b;$(x).iso")
     (argv,), kwargs = calls[0]
-    assert isinstance(argv, list) and argv[0] == "genisoimage"
+    assert isinstance(argv, (list, tuple)) and argv[0] == "genisoimage"
+    assert kwargs.get("start_new_session")  # its process group is killed on a timeout
     assert argv[argv.index("-volid") + 1] == "cidata"
     assert "-joliet" in argv and "-rock" in argv
     assert not kwargs.get("shell")
     assert (tmp_path / "a b;$(x).iso").is_file()
     assert os.listdir(tmp_path) == ["a b;$(x).iso"]
+
+
+# --- golden files -------------------------------------------------------------------------
+
+GOLDEN = Path(__file__).parent / "golden"
+USER_DATA = textwrap.dedent(
+    """
+    runcmd:
+      - [sh, -c, "echo ready > /dev/ttyS0"]
+    users:
+      - name: demo
+        sudo: ALL=(ALL) NOPASSWD:ALL
+    bootcmd: ["echo 'it''s \\"quoted\\"'"]
+    """
+)
+GOLDEN_SEEDS: dict[str, dict[str, Any]] = {
+    # the defaults: no keys, no env, no pod data, no network
+    "minimal": {},
+    # keys, env, pod user-data and meta-data merged over the generated ones, static network
+    "full": {
+        "annotations": {
+            "VirtletSSHKeys": f"{ssh_key(1)}\n{ssh_key(2, 'other@example')}\n",
+            "VirtletCloudInitUserData": USER_DATA,
+            "VirtletCloudInitMetaData": "extra: {a: 1}\nwhen: 2024-01-02\n",
+        },
+        "env": [("FOO", "bar baz"), ("QUOTED", 'a "b" $c `d`'), ("EMPTY", "")],
+        "network": True,
+    },
+    # the pod forces DHCP on the CNI interfaces
+    "dhcp": {
+        "annotations": {"VirtletForceDHCPNetworkConfig": "true", "VirtletSSHKeys": ssh_key(3)},
+        "env": [("A", "1")],
+        "network": True,
+    },
+    # the pod's user-data replaces the generated one
+    "overwrite": {
+        "annotations": {
+            "VirtletSSHKeys": ssh_key(4),
+            "VirtletCloudInitUserData": "runcmd: [[echo, hi]]\n",
+            "VirtletCloudInitUserDataOverwrite": "true",
+        },
+        "env": [("A", "1")],
+    },
+    # a user-data script goes in verbatim
+    "script": {
+        "annotations": {"VirtletCloudInitUserDataScript": "#!/bin/sh\necho hi > /dev/ttyS0\n"},
+        "env": [("A", "1")],
+        "network": True,
+    },
+}
+
+
+def golden_text(case: dict[str, Any], kind: str) -> str:
+    vm = parse_vm_config(case.get("annotations", {}))
+    network = sample_network() if case.get("network") else None
+    files = seed(vm, env=case.get("env", []), network=network)
+    label, layout = seed_layout(files, kind)  # type: ignore[arg-type]
+    parts = [f"# {kind} seed, volume label {label}\n"]
+    for path in sorted(layout):
+        parts.append(f"==> {path} <==\n{layout[path]}")
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("kind", ["nocloud", "configdrive"])
+@pytest.mark.parametrize("case", sorted(GOLDEN_SEEDS))
+def test_seed_golden(case: str, kind: str) -> None:
+    """Every file of the seed, as the ISO holds it; AVR_REGEN_GOLDEN=1 rewrites them."""
+    text = golden_text(GOLDEN_SEEDS[case], kind)
+    golden = GOLDEN / f"seed-{case}-{kind}.txt"
+    if os.environ.get("AVR_REGEN_GOLDEN") == "1":
+        GOLDEN.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert golden.is_file(), f"missing {golden}: run with AVR_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"{golden.name} differs; AVR_REGEN_GOLDEN=1 rewrites it"

@@ -19,7 +19,6 @@ import libvirt
 import pytest
 
 from arktos_vm_runtime.adapters import domain_xml as dx
-from arktos_vm_runtime.adapters.cloudinit import render_seed, write_seed_iso
 from arktos_vm_runtime.adapters.domain_xml import (
     METADATA_NS,
     DomainMetadata,
@@ -29,7 +28,9 @@ from arktos_vm_runtime.adapters.domain_xml import (
     parse_metadata,
     render_domain,
 )
+from arktos_vm_runtime.adapters.seed_iso import write_seed_iso
 from arktos_vm_runtime.errors import InvalidArgument
+from arktos_vm_runtime.service.seed import render_seed
 from arktos_vm_runtime.service.vmconfig import parse_vm_config
 
 GOLDEN = Path(__file__).parent / "golden"

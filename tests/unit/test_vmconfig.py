@@ -15,12 +15,18 @@ import pytest
 
 from arktos_vm_runtime.errors import InvalidArgument
 from arktos_vm_runtime.service import vmconfig as vc
+from arktos_vm_runtime.service.quantity import parse_quantity_bytes
+from arktos_vm_runtime.service.ssh_keys import check_ssh_public_key, parse_ssh_keys
+from arktos_vm_runtime.service.user_data import MAX_YAML_DEPTH, parse_yaml_mapping
+from arktos_vm_runtime.service.vm_size import (
+    MAX_VCPUS,
+    parse_root_volume,
+    parse_vcpu_count,
+)
 from arktos_vm_runtime.service.vmconfig import (
     NicInfo,
     VMConfig,
-    check_ssh_public_key,
     nics_to_json,
-    parse_quantity_bytes,
     parse_vm_config,
 )
 
@@ -404,6 +410,25 @@ def test_check_ssh_public_key_direct() -> None:
         check_ssh_public_key("ssh-ed25519 " + ssh_key("ssh-rsa").split()[1])
 
 
+def test_parse_ssh_keys_direct() -> None:
+    """The parsers the annotations use raise ValueError; vmconfig names the annotation."""
+    assert parse_ssh_keys(f"\n{ssh_key()}\r\n") == (ssh_key(),)
+    with pytest.raises(ValueError, match=r"^line 3 is not an OpenSSH public key: unknown key"):
+        parse_ssh_keys(f"{ssh_key()}\n\nssh-foo AAAA x")
+    err = bad({"VirtletSSHKeys": "ssh-foo AAAA x"}, "VirtletSSHKeys")
+    assert str(err).startswith("annotation VirtletSSHKeys: line 1 is not an OpenSSH public key")
+    assert err.context == {"annotation": "VirtletSSHKeys"}
+
+
+def test_vm_size_parsers_direct() -> None:
+    assert parse_vcpu_count(" 2 ") == 2
+    with pytest.raises(ValueError, match=f"65 is outside 1..{MAX_VCPUS}"):
+        parse_vcpu_count("65")
+    assert parse_root_volume("1Gi") == GiB
+    with pytest.raises(ValueError, match="use a Kubernetes quantity like 4Gi"):
+        parse_root_volume("4GB")
+
+
 # --- YAML annotations ---------------------------------------------------------------------
 
 YAMLS = {
@@ -449,6 +474,19 @@ def test_yaml_single_document_with_markers(name: str, attr: str) -> None:
 def test_yaml_bad(name: str, text: str, why: str) -> None:
     err = bad({name: text}, name)
     assert why in str(err)
+
+
+def test_parse_yaml_mapping_direct() -> None:
+    assert parse_yaml_mapping("a: {b: [1]}") == {"a": {"b": [1]}}
+    deep = "a: " + "[" * MAX_YAML_DEPTH + "]" * MAX_YAML_DEPTH
+    with pytest.raises(ValueError, match=f"nested deeper than {MAX_YAML_DEPTH}"):
+        parse_yaml_mapping(deep)
+    with pytest.raises(ValueError, match="aliases"):
+        parse_yaml_mapping("a: &x 1\nb: *x\n")
+    with pytest.raises(ValueError, match="must be a YAML mapping, not list"):
+        parse_yaml_mapping("[1]")
+    with pytest.raises(ValueError):  # the constructor's own error, as data
+        parse_yaml_mapping("when: 2024-13-45\n")
 
 
 def test_yaml_depth_limit_is_inclusive() -> None:
