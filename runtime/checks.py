@@ -49,8 +49,13 @@ def check_id(what: str, value: str) -> str:
     return value
 
 
+def is_hostname(value: str) -> bool:
+    """An RFC 1123 host name: dot-separated labels of [A-Za-z0-9-], at most 253 characters."""
+    return isinstance(value, str) and _HOSTNAME.fullmatch(value) is not None
+
+
 def check_hostname(value: str) -> str:
-    if not isinstance(value, str) or not _HOSTNAME.fullmatch(value):
+    if not is_hostname(value):
         raise InvalidArgument(f"hostname {shown(value)} is not an RFC 1123 host name")
     return value
 

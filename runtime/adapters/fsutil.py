@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+
+from ..errors import Internal, ResourceExhausted, RuntimeError_
 
 
 def fsync_dir(path: Path) -> None:
@@ -13,3 +16,11 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def storage_error(exc: OSError, what: str) -> RuntimeError_:
+    """A local file error as the runtime reports it: a full disk is ResourceExhausted (the
+    kubelet may free space and retry), anything else Internal."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"no space left for {what}: {exc.strerror}")
+    return Internal(f"{what} failed: {exc}")

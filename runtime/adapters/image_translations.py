@@ -79,24 +79,14 @@ def _go_template_to_python(template: str) -> str:
     return _GO_REF.sub(repl, template)
 
 
-def _parse_rule(raw: object, where: str) -> TranslationRule:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: a rule must be a mapping")
-    unknown = set(raw) - {"name", "regexp", "url"}
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
-    url = raw.get("url")
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"{where}: 'url' must be a non-empty string")
-    name, regexp = raw.get("name"), raw.get("regexp")
-    if (name is None) == (regexp is None):
-        raise ValueError(f"{where}: exactly one of 'name' and 'regexp' is needed")
-    if name is not None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{where}: 'name' must be a non-empty string")
-        return TranslationRule(url=url, name=name)
-    if not isinstance(regexp, str) or not regexp:
-        raise ValueError(f"{where}: 'regexp' must be a non-empty string")
+def _nonempty(raw: dict[str, object], key: str, where: str) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: '{key}' must be a non-empty string")
+    return value
+
+
+def _parse_regexp_rule(regexp: str, url: str, where: str) -> TranslationRule:
     try:
         pattern = re.compile(regexp)
     except re.error as exc:
@@ -108,6 +98,20 @@ def _parse_rule(raw: object, where: str) -> TranslationRule:
         if not ok:
             raise ValueError(f"{where}: url refers to group {ref!r} that the regexp lacks")
     return TranslationRule(url=template, regexp=pattern)
+
+
+def _parse_rule(raw: object, where: str) -> TranslationRule:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a rule must be a mapping")
+    unknown = set(raw) - {"name", "regexp", "url"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    url = _nonempty(raw, "url", where)
+    if (raw.get("name") is None) == (raw.get("regexp") is None):
+        raise ValueError(f"{where}: exactly one of 'name' and 'regexp' is needed")
+    if raw.get("name") is not None:
+        return TranslationRule(url=url, name=_nonempty(raw, "name", where))
+    return _parse_regexp_rule(_nonempty(raw, "regexp", where), url, where)
 
 
 def parse_translation_document(doc: object, source: str) -> TranslationSet:

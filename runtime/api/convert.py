@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..adapters.image_store import ImageRecord
+from ..service.images import ImageRecord
 from ..service.network import NetworkStatus, NicStatus
 from ..service.records import ContainerRecord, SandboxRecord
 from .dispatch import Call

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from ..adapters import cni
 from ..adapters.domain_xml import default_template_dirs
-from ..adapters.image_store import ImageRecord, ImageStore
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_domains import Domains
 from ..config import Settings
 from .health import Condition, LibvirtHealth, cni_condition
+from .images import ImageRecord, ImageStore
 from .network import PodNetworks
 from .pods import Pods
 from .statedir import StateDir
@@ -33,7 +33,7 @@ class Core:
         translations_dir = Path(settings.image_translations_dir)
         schemes = {"https", "http"} | ({"file"} if settings.allow_local_images else set())
         self.images = ImageStore(
-            state.root / "images", download_protocol=settings.image_download_protocol,
+            state.root / "images", state.store, download_protocol=settings.image_download_protocol,
             allowed_schemes=frozenset(schemes),
             translations=ImageTranslator(translations_dir) if translations_dir.is_dir()
             else None)

@@ -20,14 +20,14 @@ import uuid as uuid_mod
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..adapters import disks
+from ..adapters import qemu_img as disks
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.domain_xml import DomainMetadata, DomainSpec, render_domain
-from ..adapters.image_store import ImageStore
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent, domain_name
 from ..adapters.seed_iso import write_seed_iso
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from .images import ImageStore
 from .network import NicStatus, PodNetworks
 from .records import (
     CREATED,

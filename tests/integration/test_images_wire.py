@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import http.server
+import json
+import sqlite3
 import subprocess
 import threading
 import time
@@ -13,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from arktos_vm_runtime.service import store as store_mod
 from tests.daemon_proc import APIS, Daemon
 
 
@@ -86,6 +91,12 @@ def _files(d: Daemon) -> list[str]:
                   if p.is_file() and p.name != ".lock")
 
 
+def _name_rows(d: Daemon) -> dict[str, str]:
+    """The image names in the daemon's state store: name -> digest column."""
+    with contextlib.closing(sqlite3.connect(Path(d.state_dir) / "state.db")) as db:
+        return dict(db.execute("SELECT id, digest FROM image_names").fetchall())
+
+
 @pytest.mark.parametrize("api", ["v1alpha2", "v1"])
 def test_pull_status_list_remove(http_daemon: Daemon, server: tuple[str, dict[str, int]],
                                  api: str) -> None:
@@ -99,6 +110,9 @@ def test_pull_status_list_remove(http_daemon: Daemon, server: tuple[str, dict[st
                         timeout=30).image_ref
     st = img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=name)), timeout=5)
     assert st.image.id == ref and st.image.size > 0
+    digest = ref.removeprefix("sha256:")
+    assert _files(http_daemon) == [f"blobs/sha256/{digest}"], "a name is a store row, no file"
+    assert _name_rows(http_daemon) == {name: digest}
     by_id = img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=ref)), timeout=5)
     assert by_id.image.id == ref
     assert [i.id for i in img.ListImages(pb.ListImagesRequest(), timeout=5).images] == [ref]
@@ -107,6 +121,44 @@ def test_pull_status_list_remove(http_daemon: Daemon, server: tuple[str, dict[st
     img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=name)), timeout=5)
     img.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=name)), timeout=5)
     assert not img.ListImages(pb.ListImagesRequest(), timeout=5).images
+    assert _files(http_daemon) == [] and _name_rows(http_daemon) == {}
+
+
+def test_images_the_previous_version_pulled_are_served(
+        short_tmp: Path, qcow2: bytes, server: tuple[str, dict[str, int]]) -> None:
+    """A state dir as version 1 left it (v1 state.db, images/names/<sha256(name)>.json):
+    the daemon carries the names into its store and serves them without a download."""
+    host, hits = server
+    name, digest = f"{host}/disk.qcow2", hashlib.sha256(qcow2).hexdigest()
+    state = short_tmp / "state"
+    images = state / "images"
+    for sub in ("blobs/sha256", "names", "tmp"):
+        (images / sub).mkdir(parents=True)
+    (images / "blobs" / "sha256" / digest).write_bytes(qcow2)
+    record = {"name": name, "digest": digest, "size": len(qcow2), "virtual_size": 64 << 20,
+              "format": "qcow2", "url": f"http://{name}", "pulled_at": "2024-05-01T10:00:00+00:00"}
+    (images / "names" / (hashlib.sha256(name.encode()).hexdigest() + ".json")).write_bytes(
+        json.dumps(record, indent=2, sort_keys=True).encode() + b"\n")
+    with contextlib.closing(sqlite3.connect(state / "state.db", isolation_level=None)) as db:
+        store_mod.MIGRATIONS[0](db, state)
+        db.execute("PRAGMA user_version=1")
+    d = Daemon(short_tmp, args=["--image-download-protocol", "http"]).start()
+    try:
+        for api in APIS:
+            pb, _ = APIS[api]
+            img = d.images(api)
+            st = img.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=name)), timeout=5)
+            assert st.image.id == f"sha256:{digest}" and list(st.image.repo_tags) == [name]
+            assert st.image.size == len(qcow2)
+            listed = img.ListImages(pb.ListImagesRequest(), timeout=5).images
+            assert [i.id for i in listed] == [f"sha256:{digest}"]
+        pb, _ = APIS["v1"]
+        ref = d.images("v1").PullImage(pb.PullImageRequest(
+            image=pb.ImageSpec(image=f"{name}@sha256:{digest}")), timeout=30).image_ref
+        assert ref == f"sha256:{digest}" and hits == {}, "served from the store, not downloaded"
+        assert _files(d) == [f"blobs/sha256/{digest}"] and _name_rows(d) == {name: digest}
+    finally:
+        d.stop()
 
 
 def test_bad_pulls_get_clear_errors_and_leave_nothing(
