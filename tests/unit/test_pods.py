@@ -214,8 +214,9 @@ def test_lifecycle(env: Env, tmp_path: Path) -> None:
     c = wait_for(lambda: (r := pods.container(cid)).state == EXITED and r)
     assert (c.exit_code, c.reason) == (0, "Completed")
     assert c.finished_at >= c.started_at > 0
-    pods.stop_container(cid, 30)  # stopped already: success, and the console is flushed
+    pods.stop_container(cid, 30)  # stopped already: success
     assert env.store.get("containers", cid)["state"] == EXITED  # type: ignore[index]
+    # the STOPPED event flushed the console: its offset is saved at once, not in a second
     assert env.store.get("containers", cid)["console_offset"] == 18  # type: ignore[index]
 
     pods.start_container(cid)
