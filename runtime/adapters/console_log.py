@@ -2,9 +2,14 @@
 
 virtlogd writes the raw console to a file of the VM's (it survives our restarts and
 rotates it); one thread here follows every running VM's raw file and appends each line
-in the CRI format `RFC3339Nano stdout F|P line` to the container's log path. The offset
-reached is saved right after each write, so a restarted daemon resumes where it stopped:
-none is lost, and only a kill -9 in the instant between a write and its save repeats it.
+in the CRI format `RFC3339Nano stdout F|P line` to the container's log path.
+
+Offsets are saved in batches, not one fsync'd commit per line burst: the offsets reached
+are remembered here and handed to `save_offsets` (one store transaction) at most every
+FLUSH_EVERY seconds, and at once on flush, forget and close. The offset saved is always
+that of the first byte not yet written to the log as a whole record, so a restarted daemon
+resumes from it and no console output is ever lost; after a kill -9, what was written in
+the last FLUSH_EVERY + POLL seconds (under a second) may be copied into the log twice.
 The raw file is kept open, so a rotation by virtlogd is noticed by its inode changing,
 after the old file has been read to the end.
 """
@@ -22,6 +27,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 POLL = 0.2
+# At most this long between offset saves: bounds what a kill -9 may copy twice.
+FLUSH_EVERY = 0.5
 MAX_LINE = 16 * 1024  # longer lines are split into P(artial) records, as CRI-O does
 
 
@@ -58,6 +65,12 @@ class _Follower:
         self.pending = b""
         self.saved_offset = offset
         self.reopen_wanted = False
+
+    @property
+    def safe_offset(self) -> int:
+        """The raw file's offset up to which everything is in the log as whole records:
+        the partial line still pending is read again after a restart, never lost."""
+        return max(0, self.offset - len(self.pending))
 
     def _open_src(self) -> None:
         try:
@@ -108,12 +121,23 @@ class _Follower:
 
 
 class ConsoleLogs:
-    def __init__(self, save_offset: Callable[[str, int], None]) -> None:
-        self._save = save_offset
+    """Follows the raw consoles; `save_offsets({cid: offset})` persists a batch of offsets.
+    With `thread=False` nothing runs by itself: `tick()` is one round (for tests)."""
+
+    def __init__(self, save_offsets: Callable[[dict[str, int]], None], *,
+                 flush_every: float = FLUSH_EVERY, thread: bool = True) -> None:
+        self._save = save_offsets
+        self._flush_every = flush_every
         self._followers: dict[str, _Follower] = {}
+        self._unsaved: dict[str, int] = {}
+        self._last_save = time.monotonic()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="console-logs", daemon=True)
-        self._thread.start()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if thread:
+            self._thread = threading.Thread(target=self._run, name="console-logs",
+                                            daemon=True)
+            self._thread.start()
 
     def follow(self, cid: str, raw: Path, out: Path, offset: int = 0) -> None:
         with self._lock:
@@ -128,11 +152,13 @@ class ConsoleLogs:
                 f.reopen_wanted = True
 
     def flush(self, cid: str) -> None:
-        """Copies what the raw console holds now (called once a VM has stopped)."""
+        """Copies what the raw console holds now (called once a VM has stopped) and saves
+        the offsets reached."""
         with self._lock:
             f = self._followers.get(cid)
             if f is not None:
                 self._poll_one(cid, f)
+            self._save_unsaved()
 
     def forget(self, cid: str) -> None:
         with self._lock:
@@ -140,22 +166,49 @@ class ConsoleLogs:
             if f is not None:
                 self._poll_one(cid, f)
                 f.close()
+            self._save_unsaved()
+
+    def tick(self) -> None:
+        """One round: copy what every console printed, save offsets if FLUSH_EVERY passed."""
+        with self._lock:
+            for cid, f in list(self._followers.items()):
+                self._poll_one(cid, f)
+            if time.monotonic() - self._last_save >= self._flush_every:
+                self._save_unsaved()
+
+    def close(self) -> None:
+        """At shutdown: a last copy of every console, its offsets saved, files closed."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for cid, f in list(self._followers.items()):
+                self._poll_one(cid, f)
+                f.close()
+            self._followers.clear()
+            self._save_unsaved()
 
     def _poll_one(self, cid: str, f: _Follower) -> None:
         try:
             f.poll()
         except OSError as e:
             log.warning("console log of %s: %s", cid, e, extra={"CONTAINER_ID": cid})
-        if f.offset != f.saved_offset:
-            f.saved_offset = f.offset
-            try:
-                self._save(cid, f.offset)
-            except Exception:
-                log.exception("saving the console offset of %s failed", cid)
+        if f.safe_offset != f.saved_offset:
+            f.saved_offset = f.safe_offset
+            self._unsaved[cid] = f.safe_offset
+
+    def _save_unsaved(self) -> None:
+        self._last_save = time.monotonic()
+        if not self._unsaved:
+            return
+        batch, self._unsaved = self._unsaved, {}
+        try:
+            self._save(batch)
+        except Exception:
+            log.exception("saving %d console offset(s) failed; retrying later", len(batch))
+            for cid, offset in batch.items():
+                self._unsaved.setdefault(cid, offset)
 
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                for cid, f in list(self._followers.items()):
-                    self._poll_one(cid, f)
-            time.sleep(POLL)
+        while not self._stop.wait(POLL):
+            self.tick()

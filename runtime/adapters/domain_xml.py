@@ -1,8 +1,9 @@
 """The libvirt domain XML of one pod VM: a frozen spec in, XML text out. No policy here.
 
-`DomainSpec` holds every decision already taken (by the service layer); `render_domain`
-only turns it into XML through the Jinja2 template `domain.xml.j2`. The environment
-autoescapes, so no value from a pod spec reaches the XML unescaped, and `DomainSpec`
+`DomainSpec` holds every decision already taken (by service/designer.py); this module
+checks that the spec is well formed (what libvirt's schema and our template can carry)
+and `render_domain` only turns it into XML through the Jinja2 template `domain.xml.j2`.
+The environment autoescapes, so no value from a pod spec reaches the XML unescaped, and `DomainSpec`
 refuses characters XML 1.0 cannot carry at all (NUL and other control characters).
 
 Templates are looked up in an operator override directory first (default
@@ -26,6 +27,7 @@ from typing import Literal
 
 import jinja2
 
+from ..checks import has_control, ifname_problem, is_mac, is_uuid
 from ..errors import InvalidArgument
 
 METADATA_NS = "https://arktos-vm-runtime/xmlns/domain/1"
@@ -82,11 +84,8 @@ def template_environment(
 
 # --- the spec -----------------------------------------------------------------------------
 
+# What XML 1.0 cannot carry at all, beyond the C0 controls checks.CONTROL already refuses.
 _XML_UNSAFE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
-_TAP = re.compile(r"[A-Za-z0-9_.-]{1,15}")
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -97,7 +96,7 @@ def _require(ok: bool, message: str) -> None:
 def _check_text(what: str, value: str, *, allow_empty: bool = True) -> None:
     _require(isinstance(value, str), f"{what} must be a string")
     _require(allow_empty or bool(value), f"{what} must not be empty")
-    _require(not _CONTROL.search(value), f"{what} {value!r} contains control characters")
+    _require(not has_control(value), f"{what} {value!r} contains control characters")
     _require(not _XML_UNSAFE.search(value), f"{what} {value!r} cannot be carried in XML")
 
 
@@ -134,14 +133,15 @@ class InterfaceSpec:
     model: str = "virtio"
 
     def __post_init__(self) -> None:
-        _require(bool(_TAP.fullmatch(self.target_dev)), f"bad tap name {self.target_dev!r}")
-        _require(bool(_MAC.fullmatch(self.mac)), f"bad MAC address {self.mac!r} (use lower case)")
+        _require(ifname_problem(self.target_dev) is None, f"bad tap name {self.target_dev!r}")
+        _require(is_mac(self.mac), f"bad MAC address {self.mac!r} (use lower case)")
         _require(self.model == "virtio", f"interface model {self.model!r}: only virtio")
 
 
 @dataclass(frozen=True)
 class DomainSpec:
-    """Everything the domain XML says; all choices already made by the caller."""
+    """Everything the domain XML says. Every field is given: the choices (and their
+    defaults) are taken by the service layer's designer, none here."""
 
     name: str
     uuid: str
@@ -151,17 +151,17 @@ class DomainSpec:
     console_log: Path
     guest_agent_socket: Path
     metadata: DomainMetadata
-    seed_iso: Path | None = None
-    domain_type: DomainType = "qemu"
-    cpu_model: Literal["", "host-model"] = ""
-    machine: str = "pc"
-    disk_bus: DiskBus = "virtio"
-    disk_cache: DiskCache = "writeback"
+    seed_iso: Path | None
+    domain_type: DomainType
+    cpu_model: Literal["", "host-model"]
+    machine: str
+    disk_bus: DiskBus
+    disk_cache: DiskCache
     #: when set, equals `uuid` and is also exported as the SMBIOS system UUID
-    system_uuid: str | None = None
-    interfaces: tuple[InterfaceSpec, ...] = ()
+    system_uuid: str | None
+    interfaces: tuple[InterfaceSpec, ...]
     #: QEMU binary; None lets libvirt pick its default for the arch
-    emulator: Path | None = None
+    emulator: Path | None
 
     def __post_init__(self) -> None:
         _check_text("domain name", self.name, allow_empty=False)
@@ -169,7 +169,7 @@ class DomainSpec:
             bool(re.fullmatch(r"[A-Za-z0-9_.+-]{1,200}", self.name)),
             f"domain name {self.name!r} must match [A-Za-z0-9_.+-]{{1,200}}",
         )
-        _require(bool(_UUID.fullmatch(self.uuid)), f"uuid {self.uuid!r}: canonical lower case")
+        _require(is_uuid(self.uuid), f"uuid {self.uuid!r}: canonical lower case")
         _require(uuid_mod.UUID(self.uuid).int != 0, "the nil UUID is not a domain uuid")
         _require(isinstance(self.vcpus, int) and 1 <= self.vcpus <= 512, f"vcpus {self.vcpus!r}")
         _require(
@@ -198,6 +198,8 @@ class DomainSpec:
         macs = [i.mac for i in self.interfaces]
         _require(len(macs) == len(set(macs)), "two interfaces share a MAC address")
 
+    # Two facts of libvirt/QEMU the template needs, not choices: the guest device name a
+    # bus gives the first disk, and host-model CPUs existing only under KVM.
     @property
     def root_disk_target(self) -> str:
         return "vda" if self.disk_bus == "virtio" else "sda"

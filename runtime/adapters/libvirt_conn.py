@@ -1,4 +1,5 @@
-"""The daemon's one connection to libvirtd, opened lazily and reopened after a loss.
+"""The daemon's one connection to libvirtd, opened lazily and reopened after a loss, and
+`translate`, the one place a libvirt error becomes one of the runtime's errors.
 
 libvirt calls block, so callers run them in worker threads, never on the event loop.
 libvirt's default event loop runs in its own thread: it drives connection keepalives
@@ -13,9 +14,28 @@ from typing import Any
 
 import libvirt
 
-from ..errors import Unavailable
+from ..errors import FailedPrecondition, NotFound, RuntimeError_, Unavailable
 
 log = logging.getLogger(__name__)
+
+# The codes callers act on; every other libvirt error means libvirt could not do it now.
+_NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN}
+_WRONG_STATE = {libvirt.VIR_ERR_OPERATION_INVALID}
+
+
+def translate(e: libvirt.libvirtError, what: str, uuid: str = "") -> RuntimeError_:
+    """The runtime's error for libvirt error `e` raised while doing `what` (to the domain
+    `uuid`, if any): NotFound for a missing domain, FailedPrecondition for an operation
+    its state does not allow, Unavailable for everything else. Every libvirt call of the
+    adapter goes through here; raise the result `from e`."""
+    code = e.get_error_code()
+    context = {"uuid": uuid, "libvirt_code": code} if uuid else {"libvirt_code": code}
+    message = f"{what} failed: {e.get_error_message() or e}"
+    if code in _NOT_FOUND:
+        return NotFound(message, **context)
+    if code in _WRONG_STATE:
+        return FailedPrecondition(message, **context)
+    return Unavailable(message, **context)
 
 _event_loop_started = False
 _event_loop_lock = threading.Lock()
@@ -66,11 +86,12 @@ class LibvirtConnection:
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as e:
-                raise Unavailable(f"cannot connect to libvirt at {self.uri}: {e}") from e
+                raise translate(e, f"connecting to libvirt at {self.uri}") from e
             try:
                 conn.setKeepAlive(5, 3)
             except libvirt.libvirtError as e:  # e.g. the test:/// driver has no keepalive
-                log.debug("libvirt keepalive not available: %s", e)
+                log.debug("libvirt keepalive not available: %s",
+                          translate(e, "setting the keepalive").message)
             self._conn = conn
             log.info("connected to libvirt at %s", self.uri)
         for callback in self._on_open:
@@ -84,5 +105,5 @@ class LibvirtConnection:
         except libvirt.libvirtError as e:
             with self._lock:
                 self._conn = None
-            raise Unavailable(f"libvirt at {self.uri} does not answer: {e}") from e
+            raise translate(e, f"asking libvirt at {self.uri} for its version") from e
         return f"{v // 1000000}.{v // 1000 % 1000}.{v % 1000}"

@@ -92,4 +92,5 @@ class Core:
         return "; ".join(parts)
 
     def close(self) -> None:
+        self.pods.close()
         self.images.close()

@@ -1,43 +1,22 @@
 """What the runtime remembers of each sandbox and container, as stored in the state store.
 
+Records are frozen values: a change is `dataclasses.replace`, written to the store and then
+swapped into memory (see podstate.py), so a reader holding a record never sees it change
+under it. Their dicts (labels, annotations) are never mutated once a record is made.
 Times are nanoseconds since the epoch, as the CRI wants them. States use the CRI's names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, TypeVar
-
-from ..errors import InvalidArgument
 
 SANDBOX_READY, SANDBOX_NOTREADY = "SANDBOX_READY", "SANDBOX_NOTREADY"
 CREATING = "CREATING"  # written before the first side effect; never shown to callers
 CREATED, RUNNING, EXITED, UNKNOWN = (
     "CONTAINER_CREATED", "CONTAINER_RUNNING", "CONTAINER_EXITED", "CONTAINER_UNKNOWN")
 
-# A pod UID as Kubernetes makes them (a UUID), or the ids crictl and tests use.
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-
-# RFC 1123 host names: the guest's hostname comes from here (cloud-init local-hostname).
-_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-
 R = TypeVar("R", bound="_Record")
-
-
-def check_id(what: str, value: str) -> str:
-    if not _ID.fullmatch(value):
-        raise InvalidArgument(
-            f"{what} {value[:80]!r} must be 1-128 characters of [A-Za-z0-9_.-], "
-            "starting with a letter or digit")
-    return value
-
-
-def check_hostname(value: str) -> str:
-    if not _HOSTNAME.fullmatch(value):
-        raise InvalidArgument(f"hostname {value[:80]!r} is not an RFC 1123 host name")
-    return value
 
 
 class _Record:
@@ -50,7 +29,7 @@ class _Record:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SandboxRecord(_Record):
     id: str
     name: str
@@ -67,7 +46,7 @@ class SandboxRecord(_Record):
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ContainerRecord(_Record):
     id: str
     sandbox_id: str

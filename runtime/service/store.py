@@ -13,7 +13,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,18 @@ class Store:
             db.execute(
                 f"INSERT OR REPLACE INTO {table} ({','.join(names)}) VALUES ({marks})", values
             )
+
+    def put_many(self, table: str, rows: Iterable[tuple[str, dict[str, Any], dict[str, str]]]
+                 ) -> None:
+        """Several puts (id, data, columns) in one transaction: one commit, one fsync."""
+        assert table in TABLES
+        with self.transaction() as db:
+            for id_, data, columns in rows:
+                names = ["id", "data", *columns]
+                values = [id_, json.dumps(data, sort_keys=True), *columns.values()]
+                marks = ",".join("?" * len(names))
+                db.execute(f"INSERT OR REPLACE INTO {table} ({','.join(names)}) "
+                           f"VALUES ({marks})", values)
 
     def get(self, table: str, id_: str) -> dict[str, Any] | None:
         assert table in TABLES

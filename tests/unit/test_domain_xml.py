@@ -57,6 +57,15 @@ def make_spec(**overrides: Any) -> DomainSpec:
             attempt=0,
         ),
         "seed_iso": Path(f"{base}/seed.iso"),
+        # DomainSpec holds no defaults (the designer chooses): these are the test's own.
+        "domain_type": "qemu",
+        "cpu_model": "",
+        "machine": "pc",
+        "disk_bus": "virtio",
+        "disk_cache": "writeback",
+        "system_uuid": None,
+        "interfaces": (),
+        "emulator": None,
     }
     values.update(overrides)
     return DomainSpec(**values)

@@ -63,3 +63,15 @@ def test_a_newer_store_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="newer than this runtime"):
         Store(tmp_path / "state.db")
+
+
+def test_put_many_is_one_transaction(tmp_path: Path) -> None:
+    s = Store(tmp_path / "state.db")
+    s.put_many("containers", [("c1", {"id": "c1"}, {"sandbox_id": "s1"}),
+                              ("c2", {"id": "c2"}, {"sandbox_id": "s1"})])
+    assert s.all("containers") == [{"id": "c1"}, {"id": "c2"}]
+    with pytest.raises(sqlite3.IntegrityError):  # the second row lacks its column
+        s.put_many("containers", [("c1", {"id": "c1", "v": 2}, {"sandbox_id": "s1"}),
+                                  ("c3", {"id": "c3"}, {})])
+    assert s.get("containers", "c1") == {"id": "c1"}, "all or nothing"
+    assert s.get("containers", "c3") is None

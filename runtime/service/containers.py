@@ -1,0 +1,289 @@
+"""The one VM container of a sandbox: create, start, stop, remove, and libvirt's events.
+
+Every change is written to the store before the side effect it records (PodState), so
+after kill -9 startup can tell what was half-made (a CREATING record) from what exists.
+Mutations of one pod are serialised by its pod lock, which may cover I/O; records are
+frozen and swapped, so readers never wait for it. Console methods are never called with
+PodState's locks held (the console thread takes them to save offsets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..adapters import qemu_img
+from ..adapters.console_log import ConsoleLogs
+from ..adapters.domain_xml import render_domain
+from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent
+from ..adapters.seed_iso import write_seed_iso
+from ..config import Settings
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from . import designer
+from .images import ImageStore
+from .network import PodNetworks
+from .podstate import PodState
+from .records import CREATED, CREATING, EXITED, RUNNING, SANDBOX_READY, ContainerRecord
+from .seed import render_seed
+from .vmconfig import parse_vm_config
+
+log = logging.getLogger(__name__)
+
+STOP_AFTER_DESTROY = 10.0  # seconds to wait for libvirt's STOPPED event after destroy
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerInput:
+    name: str
+    attempt: int
+    image: str
+    log_path: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    envs: Sequence[tuple[str, str]]
+    sandbox_annotations: dict[str, str] | None
+    cpu_period: int = 0
+    cpu_quota: int = 0
+    memory_limit_in_bytes: int = 0
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def log_file(directory: str, relative: str) -> str:
+    """The container's log file; both parts come from the kubelet and are checked."""
+    if not directory or not relative:
+        return ""
+    for what, value in (("log_directory", directory), ("log_path", relative)):
+        if "\0" in value or ".." in Path(value).parts:
+            raise InvalidArgument(f"{what} {value[:100]!r} must not contain NUL or '..'")
+    if not os.path.isabs(directory) or os.path.isabs(relative):
+        raise InvalidArgument("log_directory must be absolute and log_path relative to it")
+    return os.path.normpath(os.path.join(directory, relative))
+
+
+def _not_running(rec: ContainerRecord | None) -> bool:
+    return rec is None or rec.state != RUNNING
+
+
+class Containers:
+    def __init__(self, settings: Settings, state: PodState, domains: Domains,
+                 images: ImageStore, networks: PodNetworks, console: ConsoleLogs,
+                 vm_root: Path, template_dirs: Sequence[Path],
+                 ensure_reconciled: Callable[[], None]) -> None:
+        self.settings = settings
+        self._state = state
+        self._domains = domains
+        self._images = images
+        self._networks = networks
+        self._console = console
+        self._vm_root = vm_root
+        self._templates = list(template_dirs)
+        self._ensure_reconciled = ensure_reconciled
+        domains.watch(self._on_event)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def containers(self) -> list[ContainerRecord]:
+        return [c for c in self._state.containers() if c.state != CREATING]
+
+    def container(self, cid: str) -> ContainerRecord:
+        rec = self._state.container(cid)
+        if rec is None or rec.state == CREATING:
+            raise NotFound(f"container {cid} not found")
+        return rec
+
+    def image_in_use(self, digest: str) -> bool:
+        return any(c.image_ref == f"sha256:{digest}" for c in self._state.containers())
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _on_event(self, ev: LifecycleEvent) -> None:
+        stopped = False
+
+        def change(rec: ContainerRecord) -> ContainerRecord | None:
+            nonlocal stopped
+            if rec.state == CREATING:
+                return None
+            if ev.started and rec.state != RUNNING:
+                return dataclasses.replace(rec, state=RUNNING, started_at=now_ns(),
+                                           finished_at=0)
+            if ev.stopped and rec.state == RUNNING:
+                code, reason = STOP_REASONS.get(ev.stop_reason, STOP_REASONS["unknown"])
+                if rec.stop_requested and code == 137:
+                    reason = "Killed"  # the stop timeout ran out
+                stopped = True
+                return dataclasses.replace(rec, state=EXITED, finished_at=now_ns(),
+                                           exit_code=code, reason=reason,
+                                           message=f"VM stopped ({ev.stop_reason})")
+            return None
+
+        self._state.change_container(ev.uuid, change)
+        if stopped:
+            log.info("VM of %s stopped: %s", ev.uuid, ev.stop_reason,
+                     extra={"CONTAINER_ID": ev.uuid})
+            self._console.flush(ev.uuid)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def create(self, sandbox_id: str, c: ContainerInput) -> str:
+        self._ensure_reconciled()
+        with self._state.pod_lock(sandbox_id):
+            sb = self._state.sandbox(sandbox_id)
+            if sb is None:
+                raise NotFound(f"pod sandbox {sandbox_id} not found")
+            if sb.state != SANDBOX_READY:
+                raise FailedPrecondition(f"pod sandbox {sandbox_id} is not ready")
+            for other in self._state.containers_of(sandbox_id):
+                if other.state != CREATING:
+                    return other.id  # one VM per sandbox: a repeated create gets the same id
+            annotations = c.sandbox_annotations if c.sandbox_annotations is not None \
+                else sb.annotations
+            vm = parse_vm_config(annotations, cpu_quota=c.cpu_quota, cpu_period=c.cpu_period,
+                                 memory_limit_bytes=c.memory_limit_in_bytes,
+                                 default_memory_mib=self.settings.default_memory_mib)
+            image = self._images.status(c.image)
+            if image is None:
+                raise NotFound(f"image {c.image[:200]!r} is not pulled")
+            cid = designer.container_id(sandbox_id, vm)
+            clash = self._state.container(cid)
+            if clash is not None:
+                raise AlreadyExists(f"VM uuid {cid} is already used by pod sandbox "
+                                    f"{clash.sandbox_id}")
+            rec = ContainerRecord(
+                id=cid, sandbox_id=sandbox_id, name=c.name, attempt=c.attempt,
+                state=CREATING, created_at=now_ns(), image=c.image, image_ref=image.id,
+                vm_dir=str(self._vm_root / cid), log_path=log_file(sb.log_directory,
+                                                                   c.log_path),
+                vcpus=vm.vcpus, memory_mib=vm.memory_mib, cpu_period=c.cpu_period,
+                cpu_quota=c.cpu_quota, memory_limit_in_bytes=c.memory_limit_in_bytes,
+                labels=c.labels, annotations=c.annotations)
+            self._state.put_container(rec)  # before any side effect: a crash is rolled back
+            try:
+                # The record now pins the image (image_in_use); a RemoveImage that ran
+                # between the lookup above and here has taken the bytes away.
+                if self._images.status(image.id) is None:
+                    raise NotFound(f"image {c.image[:200]!r} was removed meanwhile")
+                net = self._networks.network(sandbox_id)
+                plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
+                                       net.interfaces)
+                plan.files.dir.mkdir(mode=0o711)
+                qemu_img.create_overlay(image.path, image.format, plan.files.root_disk,
+                                     plan.root_disk_bytes)
+                seed = render_seed(vm, instance_id=cid, hostname=sb.hostname or sb.name,
+                                   env=c.envs, network=net.network_info,
+                                   template_dirs=self._templates)
+                write_seed_iso(seed, vm.cloud_init_type, plan.files.seed_iso)
+                self._domains.define(render_domain(plan.domain, self._templates))
+            except BaseException:
+                self.undo_create(rec)
+                raise
+            self._state.set_container(cid, state=CREATED)
+        log.info("container %s (VM %s) created in sandbox %s", c.name, cid, sandbox_id,
+                 extra={"CONTAINER_ID": cid, "POD_SANDBOX_ID": sandbox_id})
+        return cid
+
+    def undo_create(self, rec: ContainerRecord) -> None:
+        """Removes whatever part of a create was done; the domain was never started."""
+        try:
+            self._domains.undefine(rec.id)
+        finally:
+            shutil.rmtree(rec.vm_dir, ignore_errors=True)
+            self._state.delete_container(rec.id)
+
+    def follow_console(self, rec: ContainerRecord) -> None:
+        if rec.log_path:
+            self._console.follow(rec.id, designer.VmFiles(Path(rec.vm_dir)).console_log,
+                                 Path(rec.log_path), rec.console_offset)
+
+    def start(self, cid: str) -> None:
+        self._ensure_reconciled()
+        rec = self.container(cid)
+        with self._state.pod_lock(rec.sandbox_id):
+            rec = self.container(cid)
+            if rec.state == RUNNING:
+                return
+            sb = self._state.sandbox(rec.sandbox_id)
+            if sb is None or sb.state != SANDBOX_READY:
+                raise FailedPrecondition(f"pod sandbox {rec.sandbox_id} is stopped")
+            previous = rec
+
+            def undo() -> None:
+                # Back to the record before this start, keeping the console offset saved
+                # meanwhile (the console is followed from here on).
+                self._state.change_container(cid, lambda now: dataclasses.replace(
+                    previous, console_offset=now.console_offset))
+
+            started = self._state.set_container(
+                cid, state=RUNNING, started_at=now_ns(), finished_at=0, exit_code=0,
+                reason="", message="", stop_requested=False)
+            assert started is not None  # the pod lock keeps it from being removed
+            self.follow_console(started)
+            try:
+                self._networks.before_vm_start(rec.sandbox_id)
+                self._domains.start(cid)
+            except BaseException:
+                undo()
+                raise
+            try:
+                self._networks.after_vm_started(rec.sandbox_id)
+            except BaseException:
+                # This call started the VM but could not bridge its taps: a VM nobody can
+                # reach, that memory would call RUNNING so a retry would do nothing. Undo
+                # this start (our own, seconds old) and let the kubelet retry.
+                self._domains.destroy(cid)
+                self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY)
+                undo()
+                raise
+        log.info("container %s started", cid, extra={"CONTAINER_ID": cid})
+
+    def stop(self, cid: str, timeout: int) -> None:
+        self._ensure_reconciled()
+        rec = self._state.container(cid)
+        if rec is None or rec.state == CREATING:
+            return  # gone: success
+        with self._state.pod_lock(rec.sandbox_id):
+            rec = self._state.container(cid)
+            if rec is None or rec.state != RUNNING:
+                return
+            self._state.set_container(cid, stop_requested=True)
+            if timeout > 0:
+                self._domains.shutdown(cid)
+                if self._state.wait_until(cid, _not_running, timeout):
+                    return
+                log.info("VM %s did not power off within %d s; destroying it", cid, timeout,
+                         extra={"CONTAINER_ID": cid})
+            self._domains.destroy(cid)
+            if not self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY):
+                # No event came (libvirt reconnecting?): read the state directly.
+                st = self._domains.state(cid)
+                if st is None or st.state == "shutoff":
+                    self._state.change_container(cid, lambda r: dataclasses.replace(
+                        r, state=EXITED, finished_at=now_ns(), exit_code=137,
+                        reason="Killed", message="VM destroyed") if r.state == RUNNING
+                        else None)
+        self._console.flush(cid)
+
+    def remove(self, cid: str) -> None:
+        self._ensure_reconciled()
+        rec = self._state.container(cid)
+        if rec is None:
+            return
+        with self._state.pod_lock(rec.sandbox_id):
+            self._console.forget(cid)
+            self._domains.undefine(cid)
+            shutil.rmtree(rec.vm_dir, ignore_errors=True)
+            self._state.delete_container(cid)
+        log.info("container %s removed", cid, extra={"CONTAINER_ID": cid})
+
+    def reopen_log(self, cid: str) -> None:
+        rec = self.container(cid)
+        if rec.state != RUNNING:
+            raise FailedPrecondition(f"container {cid} is not running")
+        self._console.reopen(cid)

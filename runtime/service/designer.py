@@ -1,0 +1,92 @@
+"""The designer: every choice about a pod's VM, taken in one place, as Nova's designer does.
+
+It turns a pod (its sandbox record), its VMConfig, the image and the settings into a
+`VmDesign`: the container id, the files in the VM's directory, the root disk's size and the
+DomainSpec. adapters/domain_xml.py only renders that spec and checks its structure; it
+holds no defaults. Pure functions: no I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid as uuid_mod
+from pathlib import Path
+from typing import Protocol
+
+from ..adapters.domain_xml import DiskCache, DomainMetadata, DomainSpec, DomainType, InterfaceSpec
+from ..adapters.libvirt_domains import domain_name
+from ..config import Settings
+from .records import SandboxRecord
+from .vmconfig import VMConfig
+
+# Container ids are name-based UUIDs of the sandbox id (the contract), in this namespace.
+ID_NAMESPACE = uuid_mod.UUID("6f1d3c1e-7a43-5b0e-9d2f-8a5c4e3b2a10")
+# The only machine type the template and the test guests are made for.
+MACHINE = "pc"
+# The overlay is this VM's alone and guests flush through virtio: the host page cache is
+# safe and much faster under TCG than O_DIRECT ("none").
+DISK_CACHE: DiskCache = "writeback"
+
+
+class ImageFacts(Protocol):
+    """What the designer needs of a pulled image."""
+
+    @property
+    def virtual_size(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class VmFiles:
+    """The files of one VM, all in its own directory."""
+
+    dir: Path
+
+    @property
+    def root_disk(self) -> Path:
+        return self.dir / "root.qcow2"
+
+    @property
+    def seed_iso(self) -> Path:
+        return self.dir / "seed.iso"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.dir / "agent.sock"
+
+
+@dataclasses.dataclass(frozen=True)
+class VmDesign:
+    files: VmFiles
+    root_disk_bytes: int
+    domain: DomainSpec
+
+
+def container_id(sandbox_id: str, vm: VMConfig) -> str:
+    """The pod's own SMBIOS UUID when it asks for one, else one derived from the sandbox,
+    so a repeated CreateContainer for the same sandbox names the same VM."""
+    return vm.system_uuid or str(uuid_mod.uuid5(ID_NAMESPACE, sandbox_id))
+
+
+def design(pod: SandboxRecord, cid: str, vm: VMConfig, image: ImageFacts, settings: Settings,
+           vm_dir: Path, interfaces: tuple[InterfaceSpec, ...]) -> VmDesign:
+    files = VmFiles(vm_dir)
+    # TCG when KVM is disabled (no usable /dev/kvm); host-model CPUs only mean anything
+    # under KVM, so TCG gets QEMU's default CPU.
+    domain_type: DomainType = "qemu" if settings.disable_kvm else "kvm"
+    spec = DomainSpec(
+        name=domain_name(cid), uuid=cid, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
+        root_disk=files.root_disk, console_log=files.console_log,
+        guest_agent_socket=files.agent_socket,
+        metadata=DomainMetadata(sandbox_id=pod.id, pod_name=pod.name,
+                                pod_namespace=pod.namespace, pod_tenant=pod.tenant,
+                                attempt=pod.attempt),
+        seed_iso=files.seed_iso, domain_type=domain_type,
+        cpu_model=vm.cpu_model if domain_type == "kvm" else "",
+        machine=MACHINE, disk_bus=vm.disk_driver, disk_cache=DISK_CACHE,
+        system_uuid=vm.system_uuid, interfaces=interfaces, emulator=None)
+    # The root disk is never smaller than the image; the pod may ask for more.
+    return VmDesign(files, max(image.virtual_size, vm.root_volume_bytes), spec)

@@ -1,0 +1,148 @@
+"""The sandbox and container records in memory, written through to the state store.
+
+Memory answers List and Status; the store is what survives a crash. A change is a new
+frozen record: written to the store first, then swapped into memory. Locks, always taken
+in this order and never the other way round:
+
+- a pod's lock (`pod_lock`) serialises the lifecycle calls of one pod and may cover any
+  I/O (libvirt, CNI, files); libvirt's event thread and the console thread never take it;
+- `_write` orders the record writers, so a change is computed from the current record and
+  no writer swaps a stale record over a newer one; it covers store writes only;
+- `lock`, the memory lock, covers dict lookups and swaps only, never I/O: a List or
+  Status call never waits for a disk or for libvirt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .records import ContainerRecord, SandboxRecord
+from .store import Store
+
+Change = Callable[[ContainerRecord], ContainerRecord | None]
+
+
+def _row(rec: ContainerRecord) -> tuple[str, dict[str, Any], dict[str, str]]:
+    return rec.id, rec.to_dict(), {"sandbox_id": rec.sandbox_id}
+
+
+class PodState:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self._write = threading.Lock()
+        self._pod_locks: dict[str, threading.Lock] = {}
+        self._sandboxes = {sb.id: sb for sb in map(SandboxRecord.from_dict,
+                                                   store.all("sandboxes"))}
+        self._containers = {c.id: c for c in map(ContainerRecord.from_dict,
+                                                 store.all("containers"))}
+
+    def pod_lock(self, sandbox_id: str) -> threading.Lock:
+        """The lock serialising mutations of one pod. Made under the memory lock, so two
+        threads asking at once get the same one; kept after removal, since a waiter may
+        still hold it (one small object per pod ever seen)."""
+        with self.lock:
+            return self._pod_locks.setdefault(sandbox_id, threading.Lock())
+
+    # -- reads (memory only) --------------------------------------------------------------
+
+    def sandbox(self, sandbox_id: str) -> SandboxRecord | None:
+        with self.lock:
+            return self._sandboxes.get(sandbox_id)
+
+    def sandboxes(self) -> list[SandboxRecord]:
+        with self.lock:
+            return list(self._sandboxes.values())
+
+    def container(self, cid: str) -> ContainerRecord | None:
+        with self.lock:
+            return self._containers.get(cid)
+
+    def containers(self) -> list[ContainerRecord]:
+        """Every container record, those still CREATING included."""
+        with self.lock:
+            return list(self._containers.values())
+
+    def containers_of(self, sandbox_id: str) -> list[ContainerRecord]:
+        with self.lock:
+            return [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
+
+    def wait_until(self, cid: str, done: Callable[[ContainerRecord | None], bool],
+                   timeout: float) -> bool:
+        """Waits (up to `timeout` s) until done(the container's record) holds."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while not done(self._containers.get(cid)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+    # -- writes: the store first, then memory ---------------------------------------------
+
+    def put_sandbox(self, sb: SandboxRecord) -> None:
+        with self._write:
+            self._store.put("sandboxes", sb.id, sb.to_dict())
+            with self.lock:
+                self._sandboxes[sb.id] = sb
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        with self._write:
+            self._store.delete("sandboxes", sandbox_id)
+            with self.lock:
+                self._sandboxes.pop(sandbox_id, None)
+
+    def put_container(self, rec: ContainerRecord) -> None:
+        with self._write:
+            id_, data, columns = _row(rec)
+            self._store.put("containers", id_, data, **columns)
+            self._swap([rec])
+
+    def change_container(self, cid: str, change: Change) -> ContainerRecord | None:
+        """Applies change(current record) -> new record, or None for no change, as one
+        step among writers; returns the record now held (None if there is none)."""
+        with self._write:
+            old = self.container(cid)
+            if old is None:
+                return None
+            new = change(old)
+            if new is None or new == old:
+                return old
+            id_, data, columns = _row(new)
+            self._store.put("containers", id_, data, **columns)
+            self._swap([new])
+            return new
+
+    def set_container(self, cid: str, **changes: Any) -> ContainerRecord | None:
+        return self.change_container(cid, lambda rec: dataclasses.replace(rec, **changes))
+
+    def delete_container(self, cid: str) -> None:
+        with self._write:
+            self._store.delete("containers", cid)
+            with self.lock:
+                self._containers.pop(cid, None)
+                self.changed.notify_all()
+
+    def save_console_offsets(self, offsets: Mapping[str, int]) -> None:
+        """The console follower's batch of offsets, in one store transaction."""
+        with self._write:
+            with self.lock:
+                news = [dataclasses.replace(rec, console_offset=off)
+                        for cid, off in offsets.items()
+                        if (rec := self._containers.get(cid)) is not None
+                        and rec.console_offset != off]
+            if news:
+                self._store.put_many("containers", map(_row, news))
+                self._swap(news)
+
+    def _swap(self, recs: list[ContainerRecord]) -> None:
+        with self.lock:
+            for rec in recs:
+                self._containers[rec.id] = rec
+            self.changed.notify_all()

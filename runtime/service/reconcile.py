@@ -1,0 +1,88 @@
+"""Startup reconciliation: the records brought in line with libvirt, once, when libvirt is
+first reachable. Never destroys a VM: a domain of ours without a record is logged and left
+alone; a record whose domain vanished shows the container EXITED.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from ..adapters.console_log import ConsoleLogs
+from ..adapters.libvirt_domains import STOP_REASONS, Domains, OurDomain, domain_name
+from .containers import Containers, now_ns
+from .network import PodNetworks
+from .podstate import PodState
+from .records import CREATED, CREATING, EXITED, RUNNING, ContainerRecord
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, state: PodState, domains: Domains, networks: PodNetworks,
+                 console: ConsoleLogs, containers: Containers) -> None:
+        self._state = state
+        self._domains = domains
+        self._networks = networks
+        self._console = console
+        self._containers = containers
+        self._done = False
+        self._lock = threading.Lock()
+
+    def ensure(self) -> None:
+        """Called before every mutation and on each healthy libvirt probe."""
+        if self._done:
+            return
+        with self._lock:
+            if not self._done:
+                self.reconcile()
+
+    def reconcile(self) -> None:
+        doms = {d.uuid: d for d in self._domains.ours()}
+        for rec in self._state.containers():
+            self._container(rec, doms.pop(rec.id, None))
+        for uuid in doms:
+            log.warning("domain %s has our prefix but no record here; leaving it untouched",
+                        domain_name(uuid), extra={"CONTAINER_ID": uuid})
+        # A network without a sandbox record: a RunPodSandbox whose CNI ADD failed and whose
+        # undo (CNI DEL) failed too. No RPC names it any more; its DEL releases the address.
+        known = {sb.id for sb in self._state.sandboxes()}
+        for sid in set(self._networks.sandbox_ids()) - known:
+            log.warning("tearing down the network of unknown sandbox %s (orphan rule: no "
+                        "sandbox record)", sid, extra={"POD_SANDBOX_ID": sid})
+            self._networks.teardown(sid)
+        self._networks.restore()
+        self._done = True
+        log.info("reconciled %d sandboxes and %d containers with libvirt",
+                 len(known), len(self._state.containers()))
+
+    def _set(self, rec: ContainerRecord, **changes: Any) -> ContainerRecord:
+        return self._state.set_container(rec.id, **changes) or rec
+
+    def _container(self, rec: ContainerRecord, dom: OurDomain | None) -> None:
+        if rec.state == CREATING:
+            if dom is not None:
+                log.info("finishing %s: its domain was defined before a restart", rec.id)
+                self._set(rec, state=CREATED)
+            else:
+                log.info("rolling back %s: created only in part before a restart", rec.id)
+                self._containers.undo_create(rec)
+            return
+        if dom is None:
+            if rec.state in (CREATED, RUNNING):
+                self._set(rec, state=EXITED, finished_at=rec.finished_at or now_ns(),
+                          exit_code=1, reason="DomainMissing",
+                          message="the VM's libvirt domain no longer exists")
+            return
+        if dom.state.state in ("running", "paused"):
+            if rec.state != RUNNING:
+                rec = self._set(rec, state=RUNNING, started_at=rec.started_at or now_ns())
+            self._containers.follow_console(rec)
+        elif rec.state == RUNNING:
+            code, reason = STOP_REASONS.get(dom.state.stop_reason, STOP_REASONS["unknown"])
+            rec = self._set(rec, state=EXITED, finished_at=now_ns(), exit_code=code,
+                            reason=reason, message="stopped while the runtime was down")
+            # Copy what it printed after our last saved offset, then let go of it.
+            self._containers.follow_console(rec)
+            self._console.forget(rec.id)

@@ -1,0 +1,188 @@
+"""The libvirt adapter and the health probe on libvirt's test:///default driver: domain
+operations, lifecycle events, and every libvirt error through the one `translate`."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from arktos_vm_runtime.adapters.domain_xml import render_domain
+from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection, translate
+from arktos_vm_runtime.adapters.libvirt_domains import Domains, LifecycleEvent, domain_name
+from arktos_vm_runtime.config import Settings
+from arktos_vm_runtime.errors import FailedPrecondition, Internal, NotFound, Unavailable
+from arktos_vm_runtime.service import designer
+from arktos_vm_runtime.service.health import LibvirtHealth
+from arktos_vm_runtime.service.records import SandboxRecord
+from arktos_vm_runtime.service.vmconfig import VMConfig
+
+URI = "test:///default"
+TEMPLATES = [Path(__file__).resolve().parents[2] / "templates"]
+
+
+class Image:
+    virtual_size = 1 << 30
+
+
+def our_xml(cid: str) -> str:
+    pod = SandboxRecord(id="sb-1", name="p", namespace="n", uid="sb-1", tenant="t",
+                        attempt=0, state="SANDBOX_READY", created_at=1)
+    plan = designer.design(pod, cid, VMConfig(memory_mib=64), Image(),
+                           Settings(disable_kvm=True), Path("/var/lib/avr/vms") / cid, ())
+    return render_domain(plan.domain, TEMPLATES)
+
+
+@pytest.fixture
+def domains() -> Iterator[Domains]:
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    yield Domains(LibvirtConnection(URI))
+
+
+@pytest.fixture
+def cid(domains: Domains) -> Iterator[str]:
+    cid = str(uuid.uuid4())
+    yield cid
+    domains.undefine(cid)
+
+
+def test_domain_operations_and_events(domains: Domains, cid: str) -> None:
+    events: list[LifecycleEvent] = []
+    got = threading.Event()
+
+    def listen(ev: LifecycleEvent) -> None:
+        if ev.uuid == cid:
+            events.append(ev)
+            got.set()
+
+    domains.watch(listen)
+    assert domains.state(cid) is None and not domains.exists(cid)
+    domains.define(our_xml(cid))
+    assert domains.exists(cid) and domains.state(cid).state == "shutoff"  # type: ignore[union-attr]
+    ours = {d.uuid: d for d in domains.ours()}
+    assert ours[cid].metadata is not None and ours[cid].metadata.sandbox_id == "sb-1"
+    test_uuid = libvirt.open(URI).lookupByName("test").UUIDString()
+    assert test_uuid not in ours  # the driver's own domain is not ours
+
+    domains.start(cid)
+    domains.start(cid)  # already running: nothing to do
+    assert domains.state(cid).state == "running"  # type: ignore[union-attr]
+    assert got.wait(5) and events[0] == LifecycleEvent(cid, started=True)
+    got.clear()
+    domains.destroy(cid)
+    domains.destroy(cid)  # not running: success
+    st = domains.state(cid)
+    assert st is not None and (st.state, st.stop_reason) == ("shutoff", "destroyed")
+    assert got.wait(5)
+    assert events[-1] == LifecycleEvent(cid, stopped=True, stop_reason="destroyed")
+
+    domains.undefine(cid)
+    domains.undefine(cid)  # gone: success
+    assert domains.state(cid) is None
+    with pytest.raises(NotFound, match="does not exist"):
+        domains.start(cid)
+
+
+def test_errors_are_translated(domains: Domains, cid: str) -> None:
+    domains.define(our_xml(cid))
+    domains.start(cid)
+    # The test driver has no ACPI: its refusal arrives as a runtime error, code attached.
+    with pytest.raises(Unavailable, match="shutting down the VM failed") as e:
+        domains.shutdown(cid)
+    assert e.value.context["uuid"] == cid
+    assert e.value.context["libvirt_code"] == libvirt.VIR_ERR_INVALID_ARG
+    with pytest.raises(Unavailable, match="defining the domain failed"):
+        domains.define("<domain type='qemu'><name>avr-broken")
+    domains.destroy(cid)
+
+
+def test_translate_picks_the_runtime_error() -> None:
+    libvirt.registerErrorHandler(lambda _c, _e: None, None)
+    conn = libvirt.open(URI)
+    with pytest.raises(libvirt.libvirtError) as missing:
+        conn.lookupByUUIDString(str(uuid.uuid4()))
+    err = translate(missing.value, "looking up", "u1")
+    assert isinstance(err, NotFound) and err.context["uuid"] == "u1"
+    assert err.message.startswith("looking up failed: ")
+    dom = conn.lookupByName("test")
+    dom.destroy()
+    try:
+        with pytest.raises(libvirt.libvirtError) as inactive:
+            dom.destroy()
+        assert isinstance(translate(inactive.value, "stopping"), FailedPrecondition)
+    finally:
+        dom.create()
+
+
+def test_a_foreign_domain_with_a_uuid_is_never_touched(domains: Domains) -> None:
+    conn = libvirt.open(URI)
+    foreign = conn.lookupByName("test")
+    with pytest.raises(Internal, match="not ours"):
+        domains.destroy(foreign.UUIDString())
+    assert foreign.isActive()
+    assert domain_name("x") == "avr-x"
+
+
+def test_connection_errors_are_translated() -> None:
+    conn = LibvirtConnection("test:///nonexistent/definitely-missing.xml")
+    with pytest.raises(Unavailable, match="connecting to libvirt at test:///nonexistent"):
+        conn.get()
+    assert LibvirtConnection(URI).probe().count(".") == 2
+
+
+def _condition_after_probe(health: LibvirtHealth) -> object:
+    health.start_probe()
+    deadline = time.monotonic() + 5
+    while health._probe_started is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return health.condition
+
+
+def test_health_probe() -> None:
+    healthy: list[bool] = []
+    health = LibvirtHealth(LibvirtConnection(URI), 10)
+    assert not health.condition.ok and health.condition.reason == "LibvirtNotChecked"
+    health.on_healthy(lambda: healthy.append(True))
+    cond = _condition_after_probe(health)
+    assert cond.ok and healthy == [True]  # type: ignore[attr-defined]
+    assert health.version.count(".") == 2 and not health.wedged()
+
+    down = LibvirtHealth(LibvirtConnection("test:///nonexistent/missing.xml"), 10)
+    cond = _condition_after_probe(down)
+    assert not cond.ok and cond.reason == "LibvirtUnreachable"  # type: ignore[attr-defined]
+    assert not down.wedged(), "unreachable is not wedged: the watchdog is still fed"
+
+
+class HangingConnection:
+    """A libvirt connection that hangs mid-call: what libvirtd cannot do on cue."""
+
+    uri = "test:///hanging"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def probe(self) -> str:
+        self.release.wait(10)
+        return "9.0.0"
+
+
+def test_health_probe_that_hangs_is_wedged() -> None:
+    conn = HangingConnection()
+    health = LibvirtHealth(conn, 0.1)  # type: ignore[arg-type]
+    health.start_probe()
+    health.start_probe()  # one in flight: no pile-up
+    time.sleep(0.2)
+    try:
+        assert health.wedged()
+        assert health.condition.reason == "LibvirtNotResponding"
+    finally:
+        conn.release.set()
+    deadline = time.monotonic() + 5
+    while health.wedged() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert health.condition.ok
