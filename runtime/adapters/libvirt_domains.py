@@ -86,6 +86,28 @@ def _is_missing(e: libvirt.libvirtError) -> bool:
     return e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
 
 
+# --- shared with the other adapters that act on our domains by UUID (libvirt_nics) -------
+
+
+def is_missing(e: libvirt.libvirtError) -> bool:
+    """The error says the domain does not exist (any more): "already gone"."""
+    return _is_missing(e)
+
+
+def lookup_ours(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    """Our domain with this UUID, None when there is none; Unavailable when libvirt fails,
+    Internal when the UUID belongs to a domain that is not ours (the rules of `_lookup`)."""
+    try:
+        dom = conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as e:
+        if _is_missing(e):
+            return None
+        raise Unavailable(f"libvirt lookup of {uuid} failed: {e}") from e
+    if not dom.name().startswith(PREFIX):
+        raise Internal(f"domain {dom.name()} has uuid {uuid} but is not ours; not touching it")
+    return dom
+
+
 class Domains:
     def __init__(self, conn: LibvirtConnection) -> None:
         self._conn = conn
