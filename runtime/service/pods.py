@@ -28,7 +28,9 @@ from ..adapters.image_store import ImageStore
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent, domain_name
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .network import NicStatus, PodNetworks
+from .network_state import NicStatus
+from .nic_spec import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo
+from .pod_network import PodNetworks
 from .records import (
     CREATED,
     CREATING,
@@ -42,7 +44,7 @@ from .records import (
     check_id,
 )
 from .store import Store
-from .vmconfig import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo, parse_vm_config
+from .vmconfig import parse_vm_config
 
 log = logging.getLogger(__name__)
 

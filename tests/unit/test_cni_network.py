@@ -9,22 +9,27 @@ from pathlib import Path
 import pytest
 
 from arktos_vm_runtime.adapters import cni, dhcp, vmnet
-from arktos_vm_runtime.adapters.domain_xml import InterfaceSpec
+from arktos_vm_runtime.adapters.domain_xml import InterfaceSpec, render_interface
 from arktos_vm_runtime.errors import InvalidArgument
-from arktos_vm_runtime.service.network import Attachment, PodState, validate_nic
-from arktos_vm_runtime.service.vmconfig import NicInfo
+from arktos_vm_runtime.service.network_state import Attachment, PodState
+from arktos_vm_runtime.service.nic_hotplug import validate_nic
+from arktos_vm_runtime.service.nic_spec import NicInfo
+
+TEMPLATES = [Path(__file__).resolve().parents[2] / "templates"]
+
+
+HOSTS = [
+    dhcp.DhcpHost(tag="p0", bridge="avbr0", mac="0a:58:0a:58:00:05", address="10.88.0.5/24",
+                  gateway="10.88.0.1", routes=(("10.96.0.0/12", "10.88.0.254"),),
+                  dns_servers=("10.96.0.10",), dns_search=("svc.cluster.local",),
+                  mtu=1450),
+    dhcp.DhcpHost(tag="p1", bridge="avbr1", mac="0a:58:0a:59:00:07",
+                  address="10.89.0.7/16"),
+]
 
 
 def test_dnsmasq_conf_static_leases_routes_and_one_router() -> None:
-    hosts = [
-        dhcp.DhcpHost(tag="p0", bridge="avbr0", mac="0a:58:0a:58:00:05", address="10.88.0.5/24",
-                      gateway="10.88.0.1", routes=(("10.96.0.0/12", "10.88.0.254"),),
-                      dns_servers=("10.96.0.10",), dns_search=("svc.cluster.local",),
-                      mtu=1450),
-        dhcp.DhcpHost(tag="p1", bridge="avbr1", mac="0a:58:0a:59:00:07",
-                      address="10.89.0.7/16"),
-    ]
-    text = dhcp.render_conf(hosts, Path("/var/lib/x/sb"))
+    text = dhcp.render_conf(HOSTS, Path("/var/lib/x/sb"))
     lines = text.splitlines()
     for expected in [
         "port=0", "leasefile-ro", "no-resolv", "user=nobody",
@@ -69,7 +74,8 @@ def test_random_macs_are_local_unicast() -> None:
 
 
 def test_interface_xml() -> None:
-    xml = vmnet.interface_xml(InterfaceSpec(target_dev="avt12345678a", mac="02:00:00:00:00:01"))
+    xml = render_interface(InterfaceSpec(target_dev="avt12345678a", mac="02:00:00:00:00:01"),
+                           TEMPLATES)
     el = ET.fromstring(xml)
     assert el.get("type") == "ethernet"
     assert el.find("mac").get("address") == "02:00:00:00:00:01"  # type: ignore[union-attr]
@@ -107,9 +113,9 @@ def test_state_round_trip() -> None:
                       guest_mac="02:00:00:00:00:01", mtu=1450, addresses=("10.0.0.2/24",),
                       gateways=("10.0.0.1",), routes=(("10.9.0.0/16", "10.0.0.254"),))
     st = PodState(sandbox_id="sb", netns="avr-sb", config=config, tenant="t", namespace="n",
-                  name="p", vpc="v", extra_args=[("A", "1")], server_address="169.254.253.1",
-                  ready=True, next_slot=1, attachments=[Attachment(
-                      ifname="eth0", args=[("IgnoreUnknown", "1")], state="ready",
-                      nics=[NicInfo(name="eth0", port_id="p0")], result={"ips": []},
-                      ports=[port], domain="")])
+                  name="p", vpc="v", extra_args=(("A", "1"),), server_address="169.254.253.1",
+                  ready=True, next_slot=1, attachments=(Attachment(
+                      ifname="eth0", args=(("IgnoreUnknown", "1"),), state="ready",
+                      nics=(NicInfo(name="eth0", port_id="p0"),), result={"ips": []},
+                      ports=(port,), domain=""),))
     assert PodState.from_dict(st.to_dict()) == st

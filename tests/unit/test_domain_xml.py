@@ -296,7 +296,7 @@ def test_hotplug_interface_golden(test_conn: libvirt.virConnect, tmp_path: Path)
     if os.environ.get("AVR_REGEN_GOLDEN") == "1":
         golden.write_text(xml)
     assert golden.is_file(), f"missing {golden}: run with AVR_REGEN_GOLDEN=1"
-    assert xml == golden.read_text(), "interface-hotplug.xml differs; AVR_REGEN_GOLDEN=1 rewrites it"
+    assert xml == golden.read_text(), f"{golden.name} differs; AVR_REGEN_GOLDEN=1 rewrites it"
     el = ET.fromstring(xml)
     assert el.tag == "interface" and el.get("type") == "ethernet"
     assert el.find("mac").get("address") == HOTPLUG_NIC.mac  # type: ignore[union-attr]

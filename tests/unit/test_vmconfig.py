@@ -15,11 +15,10 @@ import pytest
 
 from arktos_vm_runtime.errors import InvalidArgument
 from arktos_vm_runtime.service import vmconfig as vc
+from arktos_vm_runtime.service.nic_spec import NicInfo, nics_to_json
 from arktos_vm_runtime.service.vmconfig import (
-    NicInfo,
     VMConfig,
     check_ssh_public_key,
-    nics_to_json,
     parse_quantity_bytes,
     parse_vm_config,
 )
