@@ -1,8 +1,12 @@
-"""The pure parts of pod networking: dnsmasq's configuration, tap and bridge names, the
-interface XML for hot-plug, NicSpec validation and the stored state's round trip."""
+"""The pure parts of pod networking: dnsmasq's configuration (a golden file pins it;
+AVR_REGEN_GOLDEN=1 rewrites it), tap and bridge names, the interface XML for hot-plug,
+NicSpec validation and the stored state's round trip."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,6 +19,7 @@ from arktos_vm_runtime.service.network_state import Attachment, PodState
 from arktos_vm_runtime.service.nic_hotplug import validate_nic
 from arktos_vm_runtime.service.nic_spec import NicInfo
 
+GOLDEN = Path(__file__).parent / "golden"
 TEMPLATES = [Path(__file__).resolve().parents[2] / "templates"]
 
 
@@ -26,6 +31,29 @@ HOSTS = [
     dhcp.DhcpHost(tag="p1", bridge="avbr1", mac="0a:58:0a:59:00:07",
                   address="10.89.0.7/16"),
 ]
+
+
+def check_golden(name: str, text: str) -> None:
+    golden = GOLDEN / name
+    if os.environ.get("AVR_REGEN_GOLDEN") == "1":
+        golden.write_text(text)
+    assert golden.is_file(), f"missing {golden}: run with AVR_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"{name} differs; AVR_REGEN_GOLDEN=1 rewrites it"
+
+
+def test_dnsmasq_conf_golden(tmp_path: Path) -> None:
+    text = dhcp.render_conf(HOSTS, Path("/var/lib/x/sb"))
+    check_golden("dnsmasq.conf", text)
+    # dnsmasq's own syntax check; shared-network names a bridge that only exists in the
+    # pod's namespace (dnsmasq looks it up while parsing), so those lines stay out of it.
+    if shutil.which("dnsmasq") is None:
+        pytest.fail("dnsmasq is missing: apt-get install dnsmasq-base")
+    conf = tmp_path / "dnsmasq.conf"
+    conf.write_text("".join(line for line in text.splitlines(keepends=True)
+                            if not line.startswith("shared-network=")))
+    r = subprocess.run(["dnsmasq", "--test", "-C", str(conf)], capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0 and "syntax check OK" in r.stderr, r.stderr
 
 
 def test_dnsmasq_conf_static_leases_routes_and_one_router() -> None:
