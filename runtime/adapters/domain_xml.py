@@ -1,9 +1,11 @@
 """The libvirt domain XML of one pod VM: a frozen spec in, XML text out. No policy here.
 
 `DomainSpec` holds every decision already taken (by service/designer.py); this module
-checks that the spec is well formed (what libvirt's schema and our template can carry)
-and `render_domain` only turns it into XML through the Jinja2 template `domain.xml.j2`.
-The environment autoescapes, so no value from a pod spec reaches the XML unescaped, and `DomainSpec`
+checks that the spec is well formed (what libvirt's schema and our template can carry).
+`render_domain` only turns it into XML through the Jinja2 template `domain.xml.j2`, which
+includes `interface.xml.j2` for each NIC; `render_interface` renders that one alone for NIC
+hot-plug, so an operator's override applies to both. The environment
+autoescapes, so no value from a pod spec reaches the XML unescaped, and `DomainSpec`
 refuses characters XML 1.0 cannot carry at all (NUL and other control characters).
 
 Templates are looked up in an operator override directory first (default
@@ -34,6 +36,7 @@ METADATA_NS = "https://arktos-vm-runtime/xmlns/domain/1"
 DEFAULT_OVERRIDE_DIR = Path("/etc/arktos-vm-runtime/templates")
 INSTALLED_TEMPLATE_DIR = Path("/usr/share/arktos-vm-runtime/templates")
 DOMAIN_TEMPLATE = "domain.xml.j2"
+INTERFACE_TEMPLATE = "interface.xml.j2"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 DomainType = Literal["kvm", "qemu"]
@@ -224,6 +227,16 @@ def render_domain(
         metadata_ns=METADATA_NS,
         guest_agent_channel=GUEST_AGENT_CHANNEL,
     )
+
+
+def render_interface(
+    spec: InterfaceSpec, template_dirs: Sequence[Path | str] | None = None
+) -> str:
+    """The `<interface>` of one NIC alone, for hot-plug: the template `domain.xml.j2`
+    includes for each of its NICs, so both follow an operator's override."""
+    dirs = default_template_dirs() if template_dirs is None else template_dirs
+    env = template_environment(dirs, autoescape=True)
+    return env.get_template(INTERFACE_TEMPLATE).render(nic=spec)
 
 
 def parse_metadata(domain_xml: str) -> DomainMetadata | None:

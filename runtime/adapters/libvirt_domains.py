@@ -22,7 +22,7 @@ from .libvirt_conn import LibvirtConnection, translate
 log = logging.getLogger(__name__)
 
 __all__ = ["PREFIX", "STOP_REASONS", "DomainState", "Domains", "LifecycleEvent", "OurDomain",
-           "domain_name", "translate"]
+           "call", "domain_name", "lookup_ours", "translate"]
 
 # One fixed prefix for every domain this runtime defines; see module docstring.
 PREFIX = "avr-"
@@ -62,7 +62,7 @@ _SHUTOFF_REASON = {
 
 
 @contextlib.contextmanager
-def _call(what: str, uuid: str = "") -> Iterator[None]:
+def call(what: str, uuid: str = "") -> Iterator[None]:
     """Runs libvirt calls; a libvirt error leaves as the runtime error `translate` picks."""
     try:
         yield
@@ -95,6 +95,23 @@ class OurDomain:
     metadata: DomainMetadata | None
 
 
+# --- shared with the other adapters that act on our domains by UUID (libvirt_nics) -------
+
+
+def lookup_ours(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    """Our domain with this UUID, None when there is none; errors as `translate` maps them,
+    Internal when the UUID belongs to a domain that is not ours."""
+    try:
+        with call("looking up the domain", uuid):
+            dom = conn.lookupByUUIDString(uuid)
+            name = dom.name()
+    except NotFound:
+        return None
+    if not name.startswith(PREFIX):
+        raise Internal(f"domain {name} has uuid {uuid} but is not ours; not touching it")
+    return dom
+
+
 class Domains:
     def __init__(self, conn: LibvirtConnection) -> None:
         self._conn = conn
@@ -107,7 +124,7 @@ class Domains:
         self._listeners.append(listener)
 
     def _subscribe(self, conn: libvirt.virConnect) -> None:
-        with _call("subscribing to domain lifecycle events"):
+        with call("subscribing to domain lifecycle events"):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                         self._on_lifecycle, None)
 
@@ -115,7 +132,7 @@ class Domains:
                       detail: int, _opaque: object) -> None:
         # Runs on libvirt's event thread: no blocking libvirt calls here.
         try:
-            with _call("reading the domain of a lifecycle event"):
+            with call("reading the domain of a lifecycle event"):
                 name = dom.name()
                 if not name.startswith(PREFIX):
                     return
@@ -141,18 +158,10 @@ class Domains:
     # FailedPrecondition, and the callers below decide which of those mean success.
 
     def _lookup(self, uuid: str) -> libvirt.virDomain | None:
-        try:
-            with _call("looking up the domain", uuid):
-                dom = self._conn.get().lookupByUUIDString(uuid)
-                name = dom.name()
-        except NotFound:
-            return None
-        if not name.startswith(PREFIX):
-            raise Internal(f"domain {name} has uuid {uuid} but is not ours; not touching it")
-        return dom
+        return lookup_ours(self._conn.get(), uuid)
 
     def define(self, xml: str) -> None:
-        with _call("defining the domain"):
+        with call("defining the domain"):
             self._conn.get().defineXML(xml)
 
     def exists(self, uuid: str) -> bool:
@@ -163,7 +172,7 @@ class Domains:
         if dom is None:
             return None
         try:
-            with _call("reading the state of the domain", uuid):
+            with call("reading the state of the domain", uuid):
                 state, reason = dom.state()
         except NotFound:
             return None
@@ -175,7 +184,7 @@ class Domains:
         dom = self._lookup(uuid)
         if dom is None:
             raise NotFound(f"domain of container {uuid} does not exist")
-        with _call("starting the VM", uuid):
+        with call("starting the VM", uuid):
             if not dom.isActive():
                 dom.create()
 
@@ -184,13 +193,13 @@ class Domains:
         dom = self._lookup(uuid)
         # NotFound or FailedPrecondition: it stopped meanwhile.
         with contextlib.suppress(NotFound, FailedPrecondition), \
-                _call("shutting down the VM", uuid):
+                call("shutting down the VM", uuid):
             if dom is not None and dom.isActive():
                 dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
 
     def destroy(self, uuid: str) -> None:
         dom = self._lookup(uuid)
-        with contextlib.suppress(NotFound, FailedPrecondition), _call("stopping the VM", uuid):
+        with contextlib.suppress(NotFound, FailedPrecondition), call("stopping the VM", uuid):
             if dom is not None and dom.isActive():
                 dom.destroy()
 
@@ -201,28 +210,28 @@ class Domains:
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         with contextlib.suppress(NotFound):
-            with _call("removing the VM", uuid):
+            with call("removing the VM", uuid):
                 if dom.isActive():
                     dom.destroy()
             try:
-                with _call("removing the VM", uuid):
+                with call("removing the VM", uuid):
                     dom.undefineFlags(flags)
             except Unavailable as e:
                 # A driver without NVRAM or managed save (test:///) refuses those flags,
                 # as virsh finds; a domain of such a driver has neither to remove.
                 if e.context.get("libvirt_code") != libvirt.VIR_ERR_INVALID_ARG:
                     raise
-                with _call("removing the VM", uuid):
+                with call("removing the VM", uuid):
                     dom.undefine()
 
     def ours(self) -> list[OurDomain]:
         """Every domain with our prefix: one libvirt scan, used at startup only."""
-        with _call("listing libvirt domains"):
+        with call("listing libvirt domains"):
             doms = self._conn.get().listAllDomains()
         out = []
         for dom in doms:
             try:
-                with _call("reading a domain"):
+                with call("reading a domain"):
                     name = dom.name()
                     if not name.startswith(PREFIX):
                         continue

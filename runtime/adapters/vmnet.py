@@ -21,8 +21,6 @@ A daemon restart changes nothing (QEMU holds the fd, the tap is in the pod names
 a tap left in the root namespace by a crash between start and move is moved by
 `move_opened_taps` from `PodNetworks.restore`. A libvirtd restart leaves QEMU and its fds
 alone. On hot-unplug QEMU closes the fd and the persistent tap stays; `unwire` deletes it.
-
-The libvirt helpers at the end take a connection getter and act only on our domains.
 """
 
 from __future__ import annotations
@@ -32,26 +30,18 @@ import ipaddress
 import logging
 import secrets
 import socket
-import time
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import libvirt
-
-from ..errors import Internal, NotFound, Unavailable
+from ..errors import Internal
 from . import netns
 from .domain_xml import InterfaceSpec
-from .libvirt_domains import PREFIX
 
 log = logging.getLogger(__name__)
 
 TAP_PREFIX = "avt"
 BRIDGE_PREFIX = "avbr"
-DETACH_TIMEOUT = 20.0
-
-ConnGetter = Callable[[], libvirt.virConnect]
 
 
 def tap_name(sandbox_id: str, slot: int) -> str:
@@ -310,92 +300,3 @@ def usage(ns: str, ifnames: Sequence[str]) -> list[InterfaceUsage]:
                                   tx_errors=int(tx.get("errors", 0))))
     out.sort(key=lambda u: list(ifnames).index(u.name))
     return out
-
-
-# --- libvirt: live attach and detach --------------------------------------------------------
-
-
-def interface_xml(spec: InterfaceSpec) -> str:
-    el = ET.Element("interface", type="ethernet")
-    ET.SubElement(el, "mac", address=spec.mac)
-    ET.SubElement(el, "target", dev=spec.target_dev, managed="no")
-    ET.SubElement(el, "model", type=spec.model)
-    return ET.tostring(el, encoding="unicode")
-
-
-def _domain(get_conn: ConnGetter, uuid: str) -> libvirt.virDomain:
-    try:
-        dom = get_conn().lookupByUUIDString(uuid)
-    except libvirt.libvirtError as e:
-        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            raise NotFound(f"the VM {uuid} does not exist") from None
-        raise Unavailable(f"libvirt lookup of {uuid} failed: {e}") from e
-    if not dom.name().startswith(PREFIX):
-        raise Internal(f"domain {dom.name()} has uuid {uuid} but is not ours; not touching it")
-    return dom
-
-
-def _macs(dom: libvirt.virDomain, flags: int) -> list[str]:
-    root = ET.fromstring(dom.XMLDesc(flags))
-    return [m.get("address", "").lower() for m in root.findall("./devices/interface/mac")]
-
-
-def domain_macs(get_conn: ConnGetter, uuid: str) -> tuple[list[str] | None, list[str]]:
-    """(MACs of the running domain or None when it is not running, MACs of its definition)."""
-    dom = _domain(get_conn, uuid)
-    try:
-        live = _macs(dom, 0) if dom.isActive() else None
-        config = _macs(dom, libvirt.VIR_DOMAIN_XML_INACTIVE)
-    except libvirt.libvirtError as e:
-        raise Unavailable(f"reading the VM {uuid} failed: {e}") from e
-    return live, config
-
-
-def attach(get_conn: ConnGetter, uuid: str, spec: InterfaceSpec) -> bool:
-    """Adds the NIC to the domain's definition and, if it runs, to the running VM.
-
-    Returns True when it was plugged into a running VM.
-    """
-    dom = _domain(get_conn, uuid)
-    try:
-        live = bool(dom.isActive())
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG if dom.isPersistent() else 0
-        if live:
-            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-        if not flags:
-            raise Internal(f"the VM {uuid} is neither running nor defined")
-        dom.attachDeviceFlags(interface_xml(spec), flags)
-    except libvirt.libvirtError as e:
-        raise Unavailable(f"attaching NIC {spec.mac} to the VM {uuid} failed: {e}") from e
-    return live
-
-
-def detach(get_conn: ConnGetter, uuid: str, spec: InterfaceSpec,
-           timeout: float = DETACH_TIMEOUT) -> bool:
-    """Removes the NIC from the running VM and the definition; absent is success.
-
-    Waits up to `timeout` for the guest to release it; returns False if it did not (the
-    tap is deleted anyway, which leaves the guest's device with no backend).
-    """
-    try:
-        dom = _domain(get_conn, uuid)
-    except NotFound:
-        return True
-    xml = interface_xml(spec)
-    try:
-        if dom.isActive() and spec.mac in _macs(dom, 0):
-            dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        if dom.isPersistent() and spec.mac in _macs(dom, libvirt.VIR_DOMAIN_XML_INACTIVE):
-            dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
-        deadline = time.monotonic() + timeout
-        while dom.isActive() and spec.mac in _macs(dom, 0):
-            if time.monotonic() > deadline:
-                log.warning("the guest of %s did not release NIC %s in %.0f s", uuid, spec.mac,
-                            timeout, extra={"CONTAINER_ID": uuid})
-                return False
-            time.sleep(0.1)
-    except libvirt.libvirtError as e:
-        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return True
-        raise Unavailable(f"detaching NIC {spec.mac} from the VM {uuid} failed: {e}") from e
-    return True

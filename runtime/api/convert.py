@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..service.images import ImageRecord
-from ..service.network import NetworkStatus, NicStatus
+from ..service.network_state import NetworkStatus, NicStatus
 from ..service.records import ContainerRecord, SandboxRecord
 from .dispatch import Call
 

@@ -10,10 +10,10 @@ from .. import __version__
 from ..errors import InvalidArgument, NotFound
 from ..service.core import Core
 from ..service.health import Condition
-from ..service.network import NetworkStatus
+from ..service.network_state import NetworkStatus
+from ..service.nic_spec import NicInfo
 from ..service.pods import ContainerInput, now_ns
 from ..service.records import SANDBOX_READY, SandboxRecord
-from ..service.vmconfig import NicInfo
 from . import convert
 from .dispatch import Call
 

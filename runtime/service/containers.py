@@ -26,7 +26,7 @@ from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from . import designer
 from .images import ImageStore
-from .network import PodNetworks
+from .pod_network import PodNetworks
 from .podstate import PodState
 from .records import CREATED, CREATING, EXITED, RUNNING, SANDBOX_READY, ContainerRecord
 from .seed import render_seed

@@ -16,7 +16,7 @@ from ..adapters.libvirt_domains import Domains
 from ..config import Settings
 from .health import Condition, LibvirtHealth, cni_condition
 from .images import ImageRecord, ImageStore
-from .network import PodNetworks
+from .pod_network import PodNetworks
 from .pods import Pods
 from .statedir import StateDir
 
@@ -37,11 +37,13 @@ class Core:
             allowed_schemes=frozenset(schemes),
             translations=ImageTranslator(translations_dir) if translations_dir.is_dir()
             else None)
+        template_dirs = default_template_dirs(settings.template_dir)
         self.networks = PodNetworks(
-            state.root / "networks", conf_dir=settings.cni_conf_dir,
-            bin_dirs=[settings.cni_bin_dir, *cni.DEFAULT_BIN_DIRS], libvirt_conn=libvirt.get)
+            state.root / "networks", state.store, conf_dir=settings.cni_conf_dir,
+            bin_dirs=[settings.cni_bin_dir, *cni.DEFAULT_BIN_DIRS], libvirt_conn=libvirt.get,
+            template_dirs=template_dirs)
         self.pods = Pods(settings, state.store, self.domains, self.images, self.networks,
-                         state.root / "vms", default_template_dirs(settings.template_dir))
+                         state.root / "vms", template_dirs)
         self.health.on_healthy(self.pods.ensure_reconciled)
         self._pulls: dict[str, tuple[int, int | None, float]] = {}
         self._pulls_lock = threading.Lock()

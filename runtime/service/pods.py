@@ -22,12 +22,14 @@ from ..config import Settings
 from ..errors import FailedPrecondition, NotFound
 from .containers import ContainerInput, Containers, now_ns
 from .images import ImageStore
-from .network import NicStatus, PodNetworks
+from .network_state import NicStatus
+from .nic_spec import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo
+from .pod_network import PodNetworks
 from .podstate import PodState
 from .reconcile import Reconciler
 from .records import CREATING, SANDBOX_NOTREADY, SANDBOX_READY, ContainerRecord, SandboxRecord
 from .store import Store
-from .vmconfig import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo, parse_vm_config
+from .vmconfig import parse_vm_config
 
 log = logging.getLogger(__name__)
 

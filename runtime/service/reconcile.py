@@ -12,7 +12,7 @@ from typing import Any
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, OurDomain, domain_name
 from .containers import Containers, now_ns
-from .network import PodNetworks
+from .pod_network import PodNetworks
 from .podstate import PodState
 from .records import CREATED, CREATING, EXITED, RUNNING, ContainerRecord
 

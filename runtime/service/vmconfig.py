@@ -14,17 +14,22 @@ Conventions, the same for every annotation:
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
-from ..adapters.vmnet import BRIDGE_PREFIX, TAP_PREFIX
 from ..checks import is_uuid, shown
 from ..errors import InvalidArgument
+from .nic_spec import (
+    ANN_CNI_ARGS,
+    ANN_NICS,
+    ANN_VPC,
+    NicInfo,
+    parse_cni_args,
+    parse_nics,
+    parse_vpc,
+)
 from .ssh_keys import parse_ssh_keys
 from .user_data import parse_yaml_mapping
 from .vm_size import memory_mib, parse_root_volume, parse_vcpu_count, vcpus_from_limit
@@ -45,9 +50,7 @@ ANN_DISK_DRIVER = "VirtletDiskDriver"
 ANN_CPU_MODEL = "VirtletCPUModel"
 ANN_SYSTEM_UUID = "VirtletSystemUUID"
 ANN_FORCE_DHCP = "VirtletForceDHCPNetworkConfig"
-ANN_VPC = "VPC"
-ANN_NICS = "NICs"
-ANN_CNI_ARGS = "arktos.futurewei.com/cni-args"
+# ANN_VPC, ANN_NICS and ANN_CNI_ARGS: the pod network's annotations, in nic_spec
 
 ALL_ANNOTATIONS = (
     ANN_ROOT_VOLUME_SIZE,
@@ -67,57 +70,12 @@ ALL_ANNOTATIONS = (
     ANN_CNI_ARGS,
 )
 
-#: CNI_ARGS keys the runtime sets itself; a pod may not override them through cni-args.
-RESERVED_CNI_KEYS = frozenset(
-    {
-        "IgnoreUnknown",
-        "K8S_POD_TENANT",
-        "K8S_POD_NAMESPACE",
-        "K8S_POD_NAME",
-        "K8S_POD_INFRA_CONTAINER_ID",
-        "VPC",
-        "NICs",
-    }
-)
 
 DiskDriver = Literal["virtio", "scsi"]
 CPUModel = Literal["", "host-model"]
 CloudInitType = Literal["nocloud", "configdrive"]
 
 # --- the result ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NicInfo:
-    """One entry of the `NICs` annotation (keys as in the contract)."""
-
-    name: str = ""
-    subnet_name: str = ""
-    port_id: str = ""
-    ip_address: str = ""
-    tag: str = ""
-    ipv6_enabled: bool = False
-
-    def to_contract_dict(self) -> dict[str, Any]:
-        """The entry with the contract's JSON keys (empty strings and false left out)."""
-        out: dict[str, Any] = {}
-        for key, value in (
-            ("name", self.name),
-            ("subnetName", self.subnet_name),
-            ("portId", self.port_id),
-            ("ipAddress", self.ip_address),
-            ("tag", self.tag),
-        ):
-            if value:
-                out[key] = value
-        if self.ipv6_enabled:
-            out["ipv6Enabled"] = True
-        return out
-
-
-def nics_to_json(nics: Sequence[NicInfo]) -> str:
-    """Compact JSON of the NICs for CNI_ARGS; never contains ';' or '=' (values are checked)."""
-    return json.dumps([n.to_contract_dict() for n in nics], separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -146,18 +104,8 @@ class VMConfig:
 
 # --- helpers ------------------------------------------------------------------------------
 
-_CONTROL_CHARS_OR_NEWLINE = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _bad(annotation: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"annotation {annotation}: {message}", annotation=annotation)
-
-
-def _shown(value: str, limit: int = 60) -> str:
-    """A value for an error message: repr'd (so control characters show) and shortened."""
-    if len(value) > limit:
-        value = value[:limit] + "..."
-    return repr(value)
 
 
 def _get(annotations: Mapping[str, str], name: str) -> str | None:
@@ -216,130 +164,6 @@ def _parse_system_uuid(annotations: Mapping[str, str]) -> str | None:
     return str(value)
 
 
-def _check_cni_value(annotation: str, what: str, value: str, max_len: int = 253) -> None:
-    """A value that travels in CNI_ARGS: no ';', '=' or control characters."""
-    if len(value) > max_len:
-        raise _bad(annotation, f"{what} is longer than {max_len} characters")
-    if ";" in value or "=" in value:
-        raise _bad(annotation, f"{what} {_shown(value)} contains ';' or '='")
-    if _CONTROL_CHARS_OR_NEWLINE.search(value):
-        raise _bad(annotation, f"{what} {_shown(value)} contains control characters")
-
-
-def _parse_vpc(annotations: Mapping[str, str]) -> str:
-    raw = _get(annotations, ANN_VPC)
-    if raw is None:
-        return ""
-    value = raw.strip()
-    _check_cni_value(ANN_VPC, "VPC", value)
-    return value
-
-
-# An interface name reaches `ip ... dev NAME` and CNI_IFNAME: no leading '-' or '.'.
-_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
-# Names the runtime uses itself inside the pod's namespace (vmnet's bridges and taps).
-_RESERVED_IFNAMES = ("lo",)
-_RESERVED_IFNAME_PREFIXES = (BRIDGE_PREFIX, TAP_PREFIX)
-
-
-def ifname_problem(name: str) -> str | None:
-    """Why `name` cannot be a pod NIC's interface name, or None when it can. Shared by the
-    NICs annotation and the NIC hot-plug RPCs."""
-    if not _IFNAME.fullmatch(name):
-        return (f"{_shown(name)} is not an interface name (1-15 characters of "
-                "[A-Za-z0-9_.-], not starting with '-' or '.')")
-    if name in _RESERVED_IFNAMES or name.startswith(_RESERVED_IFNAME_PREFIXES):
-        return f"{name!r} is reserved for the runtime's own interfaces"
-    return None
-_NIC_STRING_KEYS = {
-    "name": "name",
-    "subnetName": "subnet_name",
-    "portId": "port_id",
-    "ipAddress": "ip_address",
-    "tag": "tag",
-}
-
-
-def _parse_nics(annotations: Mapping[str, str]) -> tuple[NicInfo, ...]:
-    raw = _get(annotations, ANN_NICS)
-    if raw is None:
-        return ()
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise _bad(ANN_NICS, f"not valid JSON: {exc}") from None
-    if not isinstance(data, list):
-        raise _bad(ANN_NICS, f"must be a JSON array, not {type(data).__name__}")
-    nics: list[NicInfo] = []
-    seen: set[str] = set()
-    for index, item in enumerate(data):
-        where = f"NIC #{index}"
-        if not isinstance(item, dict):
-            raise _bad(ANN_NICS, f"{where} must be a JSON object")
-        fields: dict[str, Any] = {}
-        for key, attr in _NIC_STRING_KEYS.items():
-            value = item.get(key, "")
-            if value is None:
-                value = ""
-            if not isinstance(value, str):
-                raise _bad(ANN_NICS, f"{where}: {key} must be a string")
-            _check_cni_value(ANN_NICS, f"{where}: {key}", value)
-            fields[attr] = value
-        ipv6 = item.get("ipv6Enabled", False)
-        if ipv6 is None:
-            ipv6 = False
-        if not isinstance(ipv6, bool):
-            raise _bad(ANN_NICS, f"{where}: ipv6Enabled must be true or false")
-        fields["ipv6_enabled"] = ipv6
-        name = fields["name"]
-        if name:
-            problem = ifname_problem(name)
-            if problem:
-                raise _bad(ANN_NICS, f"{where}: name {problem}")
-            if name in seen:
-                raise _bad(ANN_NICS, f"{where}: name {name!r} appears twice")
-            seen.add(name)
-        if fields["ip_address"]:
-            try:
-                ipaddress.ip_address(fields["ip_address"])
-            except ValueError:
-                raise _bad(
-                    ANN_NICS,
-                    f"{where}: ipAddress {_shown(fields['ip_address'])} is not an IP address",
-                ) from None
-        nics.append(NicInfo(**fields))
-    return tuple(nics)
-
-
-_CNI_KEY = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def _parse_cni_args(annotations: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    raw = _get(annotations, ANN_CNI_ARGS)
-    if raw is None:
-        return ()
-    pairs: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for segment in raw.split(";"):
-        segment = segment.strip()
-        if not segment:
-            continue
-        key, sep, value = segment.partition("=")
-        if not sep:
-            raise _bad(ANN_CNI_ARGS, f"{_shown(segment)} is not of the form KEY=VALUE")
-        if not _CNI_KEY.fullmatch(key):
-            raise _bad(ANN_CNI_ARGS, f"key {_shown(key)} does not match [A-Za-z0-9_.-]+")
-        if key in RESERVED_CNI_KEYS:
-            raise _bad(ANN_CNI_ARGS, f"key {key!r} is set by the runtime and cannot be overridden")
-        if key in seen:
-            raise _bad(ANN_CNI_ARGS, f"key {key!r} appears twice")
-        if "=" in value:
-            raise _bad(ANN_CNI_ARGS, f"value of {key} contains '='")
-        if _CONTROL_CHARS_OR_NEWLINE.search(value):
-            raise _bad(ANN_CNI_ARGS, f"value of {key} contains control characters")
-        seen.add(key)
-        pairs.append((key, value))
-    return tuple(pairs)
 
 
 # --- entry point --------------------------------------------------------------------------
@@ -379,7 +203,7 @@ def parse_vm_config(
             _parse_choice(annotations, ANN_CLOUD_INIT_TYPE, ("nocloud", "configdrive"), "nocloud"),
         ),
         force_dhcp=_parse_bool(annotations, ANN_FORCE_DHCP),
-        vpc=_parse_vpc(annotations),
-        nics=_parse_nics(annotations),
-        cni_args=_parse_cni_args(annotations),
+        vpc=parse_vpc(_get(annotations, ANN_VPC)),
+        nics=parse_nics(_get(annotations, ANN_NICS)),
+        cni_args=parse_cni_args(_get(annotations, ANN_CNI_ARGS)),
     )

@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
 
 from arktos_vm_runtime.adapters import dhcp, netns, vmnet
+from arktos_vm_runtime.adapters.domain_xml import default_template_dirs
 from arktos_vm_runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -26,8 +28,11 @@ from arktos_vm_runtime.errors import (
     NotFound,
     Unavailable,
 )
-from arktos_vm_runtime.service.network import NIC_READY, PodNetworks
-from arktos_vm_runtime.service.vmconfig import NicInfo, parse_vm_config
+from arktos_vm_runtime.service.network_state import NIC_READY
+from arktos_vm_runtime.service.nic_spec import NicInfo
+from arktos_vm_runtime.service.pod_network import PodNetworks
+from arktos_vm_runtime.service.store import Store
+from arktos_vm_runtime.service.vmconfig import parse_vm_config
 from tests.integration.test_network_common import (
     CNI_BIN,
     PLUGINS,
@@ -55,8 +60,19 @@ def net() -> Iterator[CniTestNet]:
 
 
 def networks(net: CniTestNet, **kw: object) -> PodNetworks:
-    return PodNetworks(net.root / "state", conf_dir=str(net.conf_dir),
-                       bin_dirs=[CNI_BIN, str(PLUGINS)], **kw)  # type: ignore[arg-type]
+    """A PodNetworks as the daemon makes it; a second call is the daemon restarted."""
+    return PodNetworks(net.root / "state" / "networks", Store(net.root / "state.db"),
+                       conf_dir=str(net.conf_dir), bin_dirs=[CNI_BIN, str(PLUGINS)],
+                       template_dirs=default_template_dirs(None), **kw)  # type: ignore[arg-type]
+
+
+def stored(net: CniTestNet, sid: str) -> dict[str, Any] | None:
+    """The sandbox's network record in the state store, as a restarted daemon reads it."""
+    store = Store(net.root / "state.db")
+    try:
+        return store.get("networks", sid)
+    finally:
+        store.close()
 
 
 def sandbox_id() -> str:
@@ -73,6 +89,7 @@ def assert_nothing_left(net: CniTestNet, sid: str, pn: PodNetworks) -> None:
     assert net.ip_files() == []
     assert not (pn.root / sid).exists()
     assert sid not in pn.sandbox_ids()
+    assert stored(net, sid) is None
     assert not [p for p in Path("/proc").glob("[0-9]*")
                 if _is_our_dnsmasq(p, pn.root / sid)]
 
@@ -120,6 +137,13 @@ def test_setup_makes_netns_bridge_tap_and_dhcp_then_teardown_leaves_nothing(
         assert tap["linkinfo"]["info_kind"] == "tun"
         assert "NO-CARRIER" in tap["flags"]  # nobody opened it yet
         assert dhcp.running(pn.root / sid)
+        record = stored(net, sid)
+        assert record is not None and record["ready"] and record["next_slot"] == 1
+        (att,) = record["attachments"]
+        assert att["ifname"] == "eth0" and att["state"] == "ready"
+        assert att["result"] == add["stdin"]["prevResult"]
+        assert att["ports"][0]["tap"] == spec.target_dev
+        assert not list(pn.root.glob("*/network.json"))  # one state store: no files
         st = pn.status(sid)
         assert st.ip == pod.ip and st.netns_present
         (nic,) = st.nics
@@ -218,7 +242,7 @@ def test_dhcp_gives_the_guest_its_cni_address(net: CniTestNet) -> None:
         assert lease[:3] == [f"ip={pod.ip}", "mask=24", f"router={net.prefix}1"]
         # the probe on the CNI network reaches the "guest" through eth0 and the pod's bridge
         assert " 0% packet loss" in net.ping(pod.ip)
-        (use,) = pn.usage(sid)
+        (use,) = vmnet.usage(ns, ["eth0"])
         assert use.name == "eth0" and use.rx_bytes > 3 * 84 and use.tx_bytes > 3 * 84
         # PortForward's way in: from inside the pod namespace to a port of the "guest"
         listener = netns.socket_in(guest)
@@ -232,13 +256,15 @@ def test_dhcp_gives_the_guest_its_cni_address(net: CniTestNet) -> None:
 
         t = threading.Thread(target=echo, daemon=True)
         t.start()
-        with pn.connect_guest(sid, 8080, timeout=10) as s:
+        port = vmnet.Port(ifname="eth0", slot=0, bridge="avbr0", tap=vmnet.tap_name(sid, 0),
+                          guest_mac=pod.interfaces[0].mac, mtu=1500)
+        with vmnet.connect_guest(ns, port, 8080, timeout=10) as s:
             s.sendall(b"hello guest")
             assert s.recv(100) == b"HELLO GUEST"
         t.join(5)
         listener.close()
-        with pytest.raises(Unavailable, match="refused"):
-            pn.connect_guest(sid, 8081, timeout=10)
+        with pytest.raises(ConnectionRefusedError):
+            vmnet.connect_guest(ns, port, 8081, timeout=10)
     finally:
         sh("ip", "netns", "delete", guest, check=False)
         pn.teardown(sid)
@@ -275,6 +301,13 @@ def test_nics_attach_list_detach(net: CniTestNet) -> None:
         assert f"{net.prefix}77" in (pn.root / sid / dhcp.CONF_NAME).read_text()
         assert [(n.name, n.port_id, n.state) for n in pn.list_nics(sid)] == \
             [("eth0", "port-0001", NIC_READY), ("eth1", "port-0002", NIC_READY)]
+        record = stored(net, sid)
+        assert record is not None
+        assert [(a["ifname"], a["hotplug"], a["state"], a["vpc"])
+                for a in record["attachments"]] == \
+            [("eth0", False, "ready", "vpc-blue"), ("eth1", True, "ready", "vpc-green")]
+        assert record["attachments"][1]["args"] == [kv.split("=", 1)
+                                                    for kv in add["CNI_ARGS"].split(";")]
         # bad input: each a clear error, nothing changed
         with pytest.raises(AlreadyExists):
             pn.attach_nic(sid, None, nic)
@@ -306,6 +339,7 @@ def test_nics_attach_list_detach(net: CniTestNet) -> None:
         assert f"{net.prefix}77" not in net.ip_files()
         assert f"{net.prefix}77" not in (pn.root / sid / dhcp.CONF_NAME).read_text()
         assert [n.name for n in pn.list_nics(sid)] == ["eth0"]
+        assert [a["ifname"] for a in (stored(net, sid) or {})["attachments"]] == ["eth0"]
         dels = [c for c in net.calls() if c["CNI_COMMAND"] == "DEL"]
         assert dels[-1]["CNI_ARGS"] == add["CNI_ARGS"] and dels[-1]["CNI_IFNAME"] == "eth1"
         # attached NICs survive a daemon restart, and teardown DELs them too

@@ -17,12 +17,15 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from arktos_vm_runtime.adapters import dhcp, vmnet
+from arktos_vm_runtime.adapters import dhcp, libvirt_nics, vmnet
+from arktos_vm_runtime.adapters.domain_xml import default_template_dirs, render_interface
 from arktos_vm_runtime.adapters.seed_iso import write_seed_iso
-from arktos_vm_runtime.errors import Unavailable
-from arktos_vm_runtime.service.network import NIC_READY, PodNetworks
+from arktos_vm_runtime.service.network_state import NIC_READY
+from arktos_vm_runtime.service.nic_spec import NicInfo
+from arktos_vm_runtime.service.pod_network import PodNetworks
 from arktos_vm_runtime.service.seed import render_seed
-from arktos_vm_runtime.service.vmconfig import NicInfo, parse_vm_config
+from arktos_vm_runtime.service.store import Store
+from arktos_vm_runtime.service.vmconfig import parse_vm_config
 from tests.guest.images import minimal_guest
 from tests.integration.test_network_common import (
     CNI_BIN,
@@ -40,6 +43,7 @@ pytestmark = pytest.mark.integration
 URI = "qemu:///system"
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors are raised; no stderr noise
 BOOT_TIMEOUT = 120
+TEMPLATES = default_template_dirs(None)
 
 
 @pytest.fixture
@@ -92,8 +96,12 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
     guest = minimal_guest()
     vmdir = Path(f"/tmp/avr-netvm-{net.tag}")
     vmdir.mkdir(mode=0o755)
-    pn = PodNetworks(net.root / "state", conf_dir=str(net.conf_dir),
-                     bin_dirs=[CNI_BIN, str(PLUGINS)], libvirt_conn=lambda: conn)
+    def networks() -> PodNetworks:  # a second call is the daemon restarted
+        return PodNetworks(net.root / "state" / "networks", Store(net.root / "state.db"),
+                           conf_dir=str(net.conf_dir), bin_dirs=[CNI_BIN, str(PLUGINS)],
+                           libvirt_conn=lambda: conn, template_dirs=TEMPLATES)
+
+    pn = networks()
     conn = libvirt.open(URI)
     sid = f"sb-{net.tag}"
     uid = str(uuid.uuid4())
@@ -110,7 +118,7 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         files = render_seed(vm_static, instance_id=uid, hostname="vm-pod", env=[],
                             network=pod.network_info)
         write_seed_iso(files, "nocloud", seed)
-        nic_xml = "\n".join(vmnet.interface_xml(s) for s in pod.interfaces)
+        nic_xml = "".join(render_interface(s, TEMPLATES) for s in pod.interfaces)
         dom = conn.defineXML(domain_xml(name, uid, guest.kernel, guest.initrd, guest.cmdline,
                                         seed, console, nic_xml))
 
@@ -136,13 +144,14 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         figures["ping avg ms (static)"] = rtt_ms(out)
         assert tcp_answers(net.probe, pod.ip, 9) in ("refused", "open")
         # from inside the pod namespace (PortForward's way in): the guest's kernel answers
-        with pytest.raises(Unavailable, match="refused"):
-            pn.connect_guest(sid, 9, timeout=10)
+        with pytest.raises(ConnectionRefusedError):
+            vmnet.connect_guest(f"avr-{sid}", vmnet.Port(
+                ifname="eth0", slot=0, bridge="avbr0", tap=pod.interfaces[0].target_dev,
+                guest_mac=pod.interfaces[0].mac, mtu=1500), 9, timeout=10)
 
         # 2. the daemon restarts (dnsmasq ended with it): the VM keeps answering
         dhcp.stop(pn.root / sid)
-        pn2 = PodNetworks(net.root / "state", conf_dir=str(net.conf_dir),
-                          bin_dirs=[CNI_BIN, str(PLUGINS)], libvirt_conn=lambda: conn)
+        pn2 = networks()
         pn2.restore()
         assert dhcp.running(pn.root / sid)
         assert " 0% packet loss" in net.ping(pod.ip)
@@ -156,7 +165,7 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         tap1 = vmnet.tap_name(sid, 1)
         link = ipj("-d", "link", "show", "dev", tap1, netns=f"avr-{sid}")[0]
         assert link["master"] == "avbr1" and "NO-CARRIER" not in link["flags"]
-        live, config = vmnet.domain_macs(lambda: conn, uid)
+        live, config = libvirt_nics.domain_macs(lambda: conn, uid)
         assert live is not None and len(live) == 2 and len(config) == 2
         assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == \
             [("eth0", NIC_READY), ("eth1", NIC_READY)]
@@ -168,7 +177,7 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         t = time.monotonic()
         pn.detach_nic(sid, uid, "eth1")
         figures["detach ms"] = (time.monotonic() - t) * 1000
-        live, config = vmnet.domain_macs(lambda: conn, uid)
+        live, config = libvirt_nics.domain_macs(lambda: conn, uid)
         assert live == config == [pod.interfaces[0].mac]
         assert tap1 not in link_names(f"avr-{sid}") and tap1 not in link_names()
         assert f"{net.prefix}77" not in net.ip_files()
@@ -183,7 +192,7 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         write_seed_iso(files, "nocloud", seed)
         # a NIC attached while the VM is stopped goes into its definition only
         pn.attach_nic(sid, uid, NicInfo(name="eth2", ip_address=f"{net.prefix}78"))
-        live, config = vmnet.domain_macs(lambda: conn, uid)
+        live, config = libvirt_nics.domain_macs(lambda: conn, uid)
         assert live is None and len(config) == 2
         boot(2)
         for slot in (0, 2):  # both taps opened by QEMU and bridged in the pod namespace
@@ -200,7 +209,7 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
             [("eth0", NIC_READY), ("eth2", NIC_READY)]
         dom.destroy()
         pn.detach_nic(sid, uid, "eth2")  # from the stopped VM's definition
-        assert vmnet.domain_macs(lambda: conn, uid) == (None, [pod.interfaces[0].mac])
+        assert libvirt_nics.domain_macs(lambda: conn, uid) == (None, [pod.interfaces[0].mac])
         assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == [("eth0", NIC_READY)]
         dom.undefine()
         dom = None

@@ -15,7 +15,8 @@ import pytest
 
 from arktos_vm_runtime.adapters import cni
 from arktos_vm_runtime.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from arktos_vm_runtime.service.vmconfig import NicInfo, nics_to_json, parse_vm_config
+from arktos_vm_runtime.service.nic_spec import NicInfo, nics_to_json
+from arktos_vm_runtime.service.vmconfig import parse_vm_config
 
 PLUGINS = Path(__file__).resolve().parents[1] / "integration" / "cni_plugins"
 

@@ -1,30 +1,63 @@
-"""The pure parts of pod networking: dnsmasq's configuration, tap and bridge names, the
-interface XML for hot-plug, NicSpec validation and the stored state's round trip."""
+"""The pure parts of pod networking: dnsmasq's configuration (a golden file pins it;
+AVR_REGEN_GOLDEN=1 rewrites it), tap and bridge names, the interface XML for hot-plug,
+NicSpec validation and the stored state's round trip."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from arktos_vm_runtime.adapters import cni, dhcp, vmnet
-from arktos_vm_runtime.adapters.domain_xml import InterfaceSpec
+from arktos_vm_runtime.adapters.domain_xml import InterfaceSpec, render_interface
 from arktos_vm_runtime.errors import InvalidArgument
-from arktos_vm_runtime.service.network import Attachment, PodState, validate_nic
-from arktos_vm_runtime.service.vmconfig import NicInfo
+from arktos_vm_runtime.service.network_state import Attachment, PodState
+from arktos_vm_runtime.service.nic_hotplug import validate_nic
+from arktos_vm_runtime.service.nic_spec import NicInfo
+
+GOLDEN = Path(__file__).parent / "golden"
+TEMPLATES = [Path(__file__).resolve().parents[2] / "templates"]
+
+
+HOSTS = [
+    dhcp.DhcpHost(tag="p0", bridge="avbr0", mac="0a:58:0a:58:00:05", address="10.88.0.5/24",
+                  gateway="10.88.0.1", routes=(("10.96.0.0/12", "10.88.0.254"),),
+                  dns_servers=("10.96.0.10",), dns_search=("svc.cluster.local",),
+                  mtu=1450),
+    dhcp.DhcpHost(tag="p1", bridge="avbr1", mac="0a:58:0a:59:00:07",
+                  address="10.89.0.7/16"),
+]
+
+
+def check_golden(name: str, text: str) -> None:
+    golden = GOLDEN / name
+    if os.environ.get("AVR_REGEN_GOLDEN") == "1":
+        golden.write_text(text)
+    assert golden.is_file(), f"missing {golden}: run with AVR_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"{name} differs; AVR_REGEN_GOLDEN=1 rewrites it"
+
+
+def test_dnsmasq_conf_golden(tmp_path: Path) -> None:
+    text = dhcp.render_conf(HOSTS, Path("/var/lib/x/sb"))
+    check_golden("dnsmasq.conf", text)
+    # dnsmasq's own syntax check; shared-network names a bridge that only exists in the
+    # pod's namespace (dnsmasq looks it up while parsing), so those lines stay out of it.
+    if shutil.which("dnsmasq") is None:
+        pytest.fail("dnsmasq is missing: apt-get install dnsmasq-base")
+    conf = tmp_path / "dnsmasq.conf"
+    conf.write_text("".join(line for line in text.splitlines(keepends=True)
+                            if not line.startswith("shared-network=")))
+    r = subprocess.run(["dnsmasq", "--test", "-C", str(conf)], capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0 and "syntax check OK" in r.stderr, r.stderr
 
 
 def test_dnsmasq_conf_static_leases_routes_and_one_router() -> None:
-    hosts = [
-        dhcp.DhcpHost(tag="p0", bridge="avbr0", mac="0a:58:0a:58:00:05", address="10.88.0.5/24",
-                      gateway="10.88.0.1", routes=(("10.96.0.0/12", "10.88.0.254"),),
-                      dns_servers=("10.96.0.10",), dns_search=("svc.cluster.local",),
-                      mtu=1450),
-        dhcp.DhcpHost(tag="p1", bridge="avbr1", mac="0a:58:0a:59:00:07",
-                      address="10.89.0.7/16"),
-    ]
-    text = dhcp.render_conf(hosts, Path("/var/lib/x/sb"))
+    text = dhcp.render_conf(HOSTS, Path("/var/lib/x/sb"))
     lines = text.splitlines()
     for expected in [
         "port=0", "leasefile-ro", "no-resolv", "user=nobody",
@@ -69,7 +102,8 @@ def test_random_macs_are_local_unicast() -> None:
 
 
 def test_interface_xml() -> None:
-    xml = vmnet.interface_xml(InterfaceSpec(target_dev="avt12345678a", mac="02:00:00:00:00:01"))
+    xml = render_interface(InterfaceSpec(target_dev="avt12345678a", mac="02:00:00:00:00:01"),
+                           TEMPLATES)
     el = ET.fromstring(xml)
     assert el.get("type") == "ethernet"
     assert el.find("mac").get("address") == "02:00:00:00:00:01"  # type: ignore[union-attr]
@@ -107,9 +141,9 @@ def test_state_round_trip() -> None:
                       guest_mac="02:00:00:00:00:01", mtu=1450, addresses=("10.0.0.2/24",),
                       gateways=("10.0.0.1",), routes=(("10.9.0.0/16", "10.0.0.254"),))
     st = PodState(sandbox_id="sb", netns="avr-sb", config=config, tenant="t", namespace="n",
-                  name="p", vpc="v", extra_args=[("A", "1")], server_address="169.254.253.1",
-                  ready=True, next_slot=1, attachments=[Attachment(
-                      ifname="eth0", args=[("IgnoreUnknown", "1")], state="ready",
-                      nics=[NicInfo(name="eth0", port_id="p0")], result={"ips": []},
-                      ports=[port], domain="")])
+                  name="p", vpc="v", extra_args=(("A", "1"),), server_address="169.254.253.1",
+                  ready=True, next_slot=1, attachments=(Attachment(
+                      ifname="eth0", args=(("IgnoreUnknown", "1"),), state="ready",
+                      nics=(NicInfo(name="eth0", port_id="p0"),), result={"ips": []},
+                      ports=(port,), domain=""),))
     assert PodState.from_dict(st.to_dict()) == st

@@ -27,6 +27,7 @@ from arktos_vm_runtime.adapters.domain_xml import (
     default_template_dirs,
     parse_metadata,
     render_domain,
+    render_interface,
 )
 from arktos_vm_runtime.adapters.seed_iso import write_seed_iso
 from arktos_vm_runtime.errors import InvalidArgument
@@ -292,6 +293,40 @@ def test_golden(name: str, test_conn: libvirt.virConnect, tmp_path: Path) -> Non
     assert golden.is_file(), f"missing {golden}: run with AVR_REGEN_GOLDEN=1"
     assert xml == golden.read_text(), f"{name} differs; AVR_REGEN_GOLDEN=1 rewrites it"
     check_for_real(test_conn, spec, tmp_path)
+
+
+HOTPLUG_NIC = InterfaceSpec("avt0123456781", "02:00:00:00:00:01")
+
+
+def test_hotplug_interface_golden(test_conn: libvirt.virConnect, tmp_path: Path) -> None:
+    """The `<interface>` NIC hot-plug hands libvirt: pinned, the very text the domain
+    carries for the same NIC, and valid inside a domain (schema and test driver)."""
+    xml = render_interface(HOTPLUG_NIC, TEMPLATES)
+    golden = GOLDEN / "interface-hotplug.xml"
+    if os.environ.get("AVR_REGEN_GOLDEN") == "1":
+        golden.write_text(xml)
+    assert golden.is_file(), f"missing {golden}: run with AVR_REGEN_GOLDEN=1"
+    assert xml == golden.read_text(), f"{golden.name} differs; AVR_REGEN_GOLDEN=1 rewrites it"
+    el = ET.fromstring(xml)
+    assert el.tag == "interface" and el.get("type") == "ethernet"
+    assert el.find("mac").get("address") == HOTPLUG_NIC.mac  # type: ignore[union-attr]
+    spec = make_spec(interfaces=(HOTPLUG_NIC,))
+    domain = render_domain(spec, TEMPLATES)
+    assert xml in domain
+    check_for_real(test_conn, spec, tmp_path)  # that domain, hence this interface, is valid
+
+
+def test_interface_override_applies_to_boot_and_hotplug(tmp_path: Path) -> None:
+    (tmp_path / "interface.xml.j2").write_text(
+        "    <interface type='ethernet'><mac address='{{ nic.mac }}'/>"
+        "<target dev='{{ nic.target_dev }}' managed='no'/><model type='virtio'/>"
+        "<mtu size='1400'/></interface>\n"
+    )
+    dirs = default_template_dirs(tmp_path)
+    hot = ET.fromstring(render_interface(HOTPLUG_NIC, dirs))
+    assert hot.find("mtu").get("size") == "1400"  # type: ignore[union-attr]
+    root = ET.fromstring(render_domain(make_spec(interfaces=(HOTPLUG_NIC,)), dirs))
+    assert root.find("devices/interface/mtu").get("size") == "1400"  # type: ignore[union-attr]
 
 
 # --- injection ----------------------------------------------------------------------------

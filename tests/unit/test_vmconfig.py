@@ -15,6 +15,7 @@ import pytest
 
 from arktos_vm_runtime.errors import InvalidArgument
 from arktos_vm_runtime.service import vmconfig as vc
+from arktos_vm_runtime.service.nic_spec import NicInfo, nics_to_json
 from arktos_vm_runtime.service.quantity import parse_quantity_bytes
 from arktos_vm_runtime.service.ssh_keys import check_ssh_public_key, parse_ssh_keys
 from arktos_vm_runtime.service.user_data import MAX_YAML_DEPTH, parse_yaml_mapping
@@ -24,9 +25,7 @@ from arktos_vm_runtime.service.vm_size import (
     parse_vcpu_count,
 )
 from arktos_vm_runtime.service.vmconfig import (
-    NicInfo,
     VMConfig,
-    nics_to_json,
     parse_vm_config,
 )
 

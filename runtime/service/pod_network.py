@@ -1,0 +1,260 @@
+"""Pod networking: a namespace per sandbox, CNI ADD/DEL, the VM's NICs bridged to CNI's
+interfaces, DHCP, and (through nic_hotplug) the Arktos NIC hot-plug RPCs.
+
+The records and their persistence are in network_state (the store's `networks` table,
+written before each side effect); the per-sandbox directory under `root` holds only
+artefacts (dnsmasq's configuration, leases and pid). Status answers from memory.
+
+Where the pod lifecycle calls it:
+  daemon start            restore()  (again on libvirt reconnects: it is idempotent)
+  RunPodSandbox           setup(sandbox_id, tenant, namespace, name, vm) -> PodNetwork
+  CreateContainer         network(sandbox_id): .network_info for render_seed,
+                          .interfaces for DomainSpec (every (re)definition of the domain)
+  StartContainer          before_vm_start(id); domain start; after_vm_started(id)
+                          (and around anything else that starts a new QEMU process)
+  PodSandboxStatus        status(sandbox_id): .ip, .ips, .nics
+  Stop/RemovePodSandbox   teardown(sandbox_id), after the VM is stopped
+  Attach/Detach/ListNetworkInterfaces  attach_nic / detach_nic / list_nics
+  reconciling             sandbox_ids()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..adapters import cni, dhcp, libvirt_nics, netns, vmnet
+from ..checks import check_id
+from ..errors import FailedPrecondition, InvalidArgument, RuntimeError_
+from .network_state import (
+    ADDING,
+    NETNS_PREFIX,
+    PRIMARY_IFNAME,
+    READY,
+    Attachment,
+    NetworkRecords,
+    NetworkStatus,
+    NicStatus,
+    PodNetwork,
+    PodState,
+    nic_statuses,
+    pod_ips,
+)
+from .nic_hotplug import NicHotplug
+from .nic_spec import NicInfo, nics_to_json
+from .pod_wiring import PodWiring
+from .store import Store
+from .vmconfig import VMConfig
+
+log = logging.getLogger(__name__)
+
+
+class PodNetworks:
+    def __init__(
+        self,
+        root: Path,
+        store: Store,
+        *,
+        conf_dir: str,
+        bin_dirs: Sequence[str] = cni.DEFAULT_BIN_DIRS,
+        libvirt_conn: libvirt_nics.ConnGetter | None = None,
+        cni_timeout: float = cni.DEFAULT_TIMEOUT,
+        detach_timeout: float = libvirt_nics.DETACH_TIMEOUT,
+        template_dirs: Sequence[Path | str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.conf_dir = conf_dir
+        self._records = NetworkRecords(store)
+        self._wiring = PodWiring(self.root, self._records, cni.CNI(bin_dirs, cni_timeout))
+        self._nics = NicHotplug(self._records, self._wiring, libvirt_conn, template_dirs,
+                                detach_timeout)
+
+    def sandbox_ids(self) -> list[str]:
+        """Sandboxes with network state here (for reconciling with the sandbox store)."""
+        return self._records.ids()
+
+    # -- the pod's network --------------------------------------------------------------------
+
+    def setup(self, sandbox_id: str, tenant: str, namespace: str, name: str,
+              vm: VMConfig) -> PodNetwork:
+        """RunPodSandbox: namespace, CNI ADD (eth0), bridge, tap, DHCP. Idempotent.
+
+        On failure everything made is undone (CNI DEL included) and the error raised:
+        Unavailable (plugin failed / garbage / no config), DeadlineExceeded (plugin hung),
+        InvalidArgument (a value CNI_ARGS cannot carry).
+        """
+        check_id("pod sandbox id", sandbox_id)
+        records, wiring = self._records, self._wiring
+        with records.locked(sandbox_id):
+            old = records.get(sandbox_id)
+            if old is not None and old.ready:
+                return wiring.view(old)
+            if old is not None:
+                log.info("redoing the half-made network of %s", sandbox_id,
+                         extra={"POD_SANDBOX_ID": sandbox_id})
+                self._teardown_locked(old)
+            st = PodState(sandbox_id=sandbox_id, netns=NETNS_PREFIX + sandbox_id,
+                          config=cni.load_network_config(self.conf_dir), tenant=tenant,
+                          namespace=namespace, name=name, vpc=vm.vpc,
+                          extra_args=tuple(vm.cni_args), server_address=dhcp.SERVER_ADDRESS)
+            args = wiring.base_args(st, vm.vpc, nics_to_json(vm.nics) if vm.nics else "",
+                                    vm.cni_args)
+            att = Attachment(ifname=PRIMARY_IFNAME, args=args, vpc=vm.vpc, nics=tuple(vm.nics))
+            # before the first side effect: teardown finds whatever follows
+            st = records.save(st.with_attachment(att))
+            try:
+                netns.create(st.netns)
+                result = wiring.cni.add(st.config, wiring.rt(st, att))
+                st = records.save(st.with_attachment(dataclasses.replace(att, result=result)))
+                st = dataclasses.replace(st, server_address=dhcp.server_address(
+                    [ipc.address for ipc in cni.parse_result(result).ips]))
+                st = wiring.wire(st, PRIMARY_IFNAME, ())
+                wiring.restart_dhcp(st)
+                att = dataclasses.replace(st.attachment(PRIMARY_IFNAME), state=READY)
+                st = records.save(dataclasses.replace(st.with_attachment(att), ready=True))
+            except BaseException:
+                try:
+                    # the record as last saved: it names everything made so far
+                    self._teardown_locked(records.get(sandbox_id) or st)
+                except Exception:
+                    log.exception("undoing the network of %s failed", sandbox_id,
+                                  extra={"POD_SANDBOX_ID": sandbox_id})
+                raise
+        log.info("network of %s ready: %s", sandbox_id, pod_ips(st)[0] or "(no address)",
+                 extra={"POD_SANDBOX_ID": sandbox_id})
+        return wiring.view(st)
+
+    def network(self, sandbox_id: str) -> PodNetwork:
+        """CreateContainer: the NICs, seed network and pod IP (hot-plugged NICs included)."""
+        return self._wiring.view(self._records.current(sandbox_id))
+
+    def status(self, sandbox_id: str) -> NetworkStatus:
+        """PodSandboxStatus: the pod IP and NIC states, from memory (no libvirt call)."""
+        st = self._records.current(sandbox_id)
+        ip, ips = pod_ips(st)
+        return NetworkStatus(ip=ip, ips=ips, nics=tuple(nic_statuses(st, None)),
+                             netns_present=netns.exists(st.netns))
+
+    def teardown(self, sandbox_id: str) -> None:
+        """StopPodSandbox / RemovePodSandbox: dnsmasq, taps, CNI DEL, namespace. Idempotent.
+
+        Works from the stored state alone (after a daemon restart or a host reboot). A DEL
+        that fails keeps the state and raises (Unavailable/DeadlineExceeded); call again.
+        """
+        with self._records.locked(sandbox_id):
+            st = self._records.get(sandbox_id)
+            if st is None:
+                try:
+                    check_id("pod sandbox id", sandbox_id)
+                except InvalidArgument:
+                    return  # never ours: no namespace can carry that name
+                netns.delete(NETNS_PREFIX + sandbox_id)
+                return
+            self._teardown_locked(st)
+        log.info("network of %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+
+    def _teardown_locked(self, st: PodState) -> None:
+        # Not ready from here on, even if a CNI DEL fails below: restore() must not bring
+        # DHCP back for a pod half torn down; the next teardown retries the DEL.
+        records, wiring = self._records, self._wiring
+        if st.ready:
+            st = records.save(dataclasses.replace(st, ready=False))
+        artefacts = wiring.artefacts(st.sandbox_id)
+        dhcp.stop(artefacts)
+        for slot in range(st.next_slot):
+            tap = vmnet.tap_name(st.sandbox_id, slot)
+            netns.delete_link(tap)
+            netns.delete_link(tap, st.netns)
+        first: Exception | None = None
+        for att in reversed(st.attachments):
+            try:
+                wiring.cni.delete(st.config, wiring.rt(st, att), att.result)
+            except RuntimeError_ as e:
+                log.error("CNI DEL of %s/%s failed: %s", st.sandbox_id, att.ifname, e,
+                          extra={"POD_SANDBOX_ID": st.sandbox_id})
+                first = first or e
+                continue
+            st = records.save(st.without_attachment(att.ifname))
+        if first is not None:
+            raise first
+        netns.delete(st.netns)
+        # the artefacts go first: a crash in between leaves a record whose teardown repeats
+        shutil.rmtree(artefacts, ignore_errors=True)
+        records.forget(st.sandbox_id)
+
+    # -- the VM's lifecycle ---------------------------------------------------------------------
+
+    def before_vm_start(self, sandbox_id: str) -> None:
+        """StartContainer, before the domain starts: every NIC's tap unopened in the root
+        namespace, where libvirt looks for it (a previous run left it in the pod's)."""
+        with self._records.locked(sandbox_id):
+            st = self._records.current(sandbox_id)
+            if not netns.exists(st.netns):
+                raise FailedPrecondition(
+                    f"the network namespace of pod sandbox {sandbox_id} is gone (was the host "
+                    "rebooted?); the pod needs a new sandbox")
+            vmnet.ensure_taps(st.netns, st.ports())
+
+    def after_vm_started(self, sandbox_id: str) -> None:
+        """StartContainer, once the domain runs: QEMU opened the taps; bridge them."""
+        with self._records.locked(sandbox_id):
+            st = self._records.current(sandbox_id)
+            moved = vmnet.move_opened_taps(st.netns, st.ports())
+            log.debug("moved taps %s into %s", moved, st.netns,
+                      extra={"POD_SANDBOX_ID": sandbox_id})
+
+    def restore(self) -> None:
+        """Daemon start: bring each pod network back to its steady state.
+
+        dnsmasq is restarted where it is not running (systemd ends it with the daemon);
+        taps QEMU opened while the daemon was down are bridged; a hot-plug cut short by a
+        crash is rolled back (its DEL run). A network whose namespace vanished (host
+        reboot) is left for teardown, which still runs its DEL.
+        """
+        for sandbox_id in self.sandbox_ids():
+            try:
+                with self._records.locked(sandbox_id):
+                    self._restore_locked(sandbox_id)
+            except Exception:
+                log.exception("restoring the network of %s failed", sandbox_id,
+                              extra={"POD_SANDBOX_ID": sandbox_id})
+
+    def _restore_locked(self, sandbox_id: str) -> None:
+        st = self._records.get(sandbox_id)
+        if st is None or not st.ready:
+            return
+        if not netns.exists(st.netns):
+            log.warning("network namespace %s of %s is gone; teardown will run its CNI DEL",
+                        st.netns, sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+            return
+        for att in [a for a in st.attachments if a.hotplug and a.state == ADDING]:
+            log.info("rolling back NIC %s of %s: its attach was cut short",
+                     att.ifname, sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+            try:
+                self._nics.remove(self._records.current(sandbox_id), att.ifname)
+            except Exception:  # the pod's other NICs still need their taps/DHCP
+                log.exception("rolling back NIC %s of %s failed", att.ifname,
+                              sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+        st = self._records.current(sandbox_id)
+        vmnet.move_opened_taps(st.netns, st.ports())
+        if not dhcp.running(self._wiring.artefacts(sandbox_id)):
+            self._wiring.restart_dhcp(st)
+
+    # -- NICs (nic_hotplug) ---------------------------------------------------------------------
+
+    def attach_nic(self, sandbox_id: str, domain_uuid: str | None, nic: NicInfo,
+                   vpc: str = "") -> NicStatus:
+        """AttachNetworkInterface; see NicHotplug.attach_nic."""
+        return self._nics.attach_nic(sandbox_id, domain_uuid, nic, vpc)
+
+    def detach_nic(self, sandbox_id: str, domain_uuid: str | None, nic_name: str) -> None:
+        """DetachNetworkInterface; see NicHotplug.detach_nic."""
+        self._nics.detach_nic(sandbox_id, domain_uuid, nic_name)
+
+    def list_nics(self, sandbox_id: str, domain_uuid: str | None = None) -> list[NicStatus]:
+        """ListNetworkInterfaces; see NicHotplug.list_nics."""
+        return self._nics.list_nics(sandbox_id, domain_uuid)
