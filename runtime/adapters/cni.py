@@ -18,20 +18,17 @@ or '=' (or a control character) is rejected with InvalidArgument, never encoded.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import signal
-import subprocess
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
+from . import proc
 
 log = logging.getLogger(__name__)
 
@@ -257,26 +254,12 @@ class CNI:
             "PATH": PLUGIN_PATH_ENV,
         }
         what = f"CNI plugin {kind} {command} ({rt.ifname})"
-        started = time.monotonic()
-        try:
-            proc = subprocess.Popen([str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, cwd="/",
-                                    start_new_session=True)
-        except OSError as e:
-            raise Unavailable(f"{what}: cannot run {path}: {e.strerror}") from None
-        try:
-            out, err = proc.communicate(json.dumps(conf).encode(), timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise DeadlineExceeded(f"{what} did not finish in {self.timeout:g} s; killed it",
-                                   plugin=kind) from None
-        except BaseException:
-            _kill_group(proc)
-            raise
-        stderr = err.decode("utf-8", "replace").strip()[-2000:]
-        log.debug("%s exited %d in %.3f s", what, proc.returncode, time.monotonic() - started)
-        if proc.returncode != 0:
-            raise Unavailable(_failure(what, proc.returncode, out, stderr), plugin=kind,
+        # A plugin reports failure as JSON on stdout with a non-zero exit: read it here.
+        r = proc.run([str(path)], timeout=self.timeout, what=what, env=env, check=False,
+                     input=json.dumps(conf).encode())
+        out, stderr = r.stdout, r.err[-2000:]
+        if r.returncode != 0:
+            raise Unavailable(_failure(what, r.returncode, out, stderr), plugin=kind,
                               stderr=stderr)
         if not want_result:
             return None
@@ -292,14 +275,6 @@ class CNI:
         if "code" in result and "msg" in result and "ips" not in result:
             raise Unavailable(_failure(what, 0, out, stderr), plugin=kind, stderr=stderr)
         return result
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """Kills the plugin and every process it started (it leads its own session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.kill()
-    proc.communicate()
 
 
 def _shown(out: bytes) -> str:
