@@ -22,6 +22,7 @@ import fcntl
 import ipaddress
 import logging
 import os
+import platform
 import socket
 import struct
 from collections.abc import Callable
@@ -50,8 +51,9 @@ IFA_F_NODAD = 0x02
 SCOPE_GLOBAL, SCOPE_LINK = 0, 253
 RT_TABLE_MAIN = 254
 ADDR_GEN_MODE_NONE = 1
-# linux/if_tun.h (the same number on every architecture Debian runs this on but ppc/mips)
-TUNSETIFF, TUNSETPERSIST = 0x400454CA, 0x400454CB
+# linux/if_tun.h: _IOW('T', 202 and 203, int); powerpc, mips and sparc put "write" elsewhere
+_IOC_WRITE = 0x80000000 if platform.machine().startswith(("ppc", "mips", "sparc")) else 0x40000000
+TUNSETIFF, TUNSETPERSIST = (_IOC_WRITE | 4 << 16 | ord("T") << 8 | nr for nr in (202, 203))
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 
 T = TypeVar("T")
