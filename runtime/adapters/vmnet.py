@@ -215,8 +215,7 @@ def ensure_taps(ns: str, ports: Sequence[Port]) -> None:
     """Before the domain starts: every port's tap unopened in the root namespace."""
     with _session(ns) as nl:
         for port in ports:
-            inside = nl.link(port.tap) if nl is not None else None
-            if inside is not None and nl is not None:
+            if nl is not None and (inside := nl.link(port.tap)) is not None:
                 if inside.opened:
                     log.info("tap %s is in use in %s; leaving it", port.tap, ns)
                     continue
