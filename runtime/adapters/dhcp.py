@@ -21,14 +21,13 @@ import ipaddress
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Internal
-from . import netns
+from . import netns, proc
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +149,10 @@ def start(ns: str, netdir: Path, hosts: Sequence[DhcpHost]) -> None:
     tmp.chmod(0o644)
     os.replace(tmp, conf)
     argv = netns.exec_argv(ns, [DNSMASQ, f"--conf-file={conf}"])
-    try:
-        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, timeout=START_TIMEOUT, check=False)
-    except FileNotFoundError:
-        raise Internal("the ip command (package iproute2) is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise Internal(f"dnsmasq did not start in {START_TIMEOUT:.0f} s") from None
+    r = proc.run(argv, timeout=START_TIMEOUT, what=f"dnsmasq in {ns}", check=False,
+                 capture=False)
     if r.returncode != 0:
-        err = r.stderr.decode("utf-8", "replace").strip()
+        err = r.err
         if "No such file" in err or "not found" in err:
             err += " (install the dnsmasq-base package)"
         raise Internal(f"dnsmasq failed to start in {ns}: {err[-1000:]}")

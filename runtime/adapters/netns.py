@@ -1,10 +1,16 @@
-"""Named network namespaces (/run/netns/NAME) and the `ip` command that works inside them.
+"""Named network namespaces (/run/netns/NAME), the netlink socket and the commands that
+work inside them.
 
-Everything here runs iproute2's `ip`, never pyroute2: Debian 12 ships pyroute2 0.7, whose
-`NetNS` forks a Python proxy process (fork without exec, from a daemon full of gRPC and
-libvirt threads), while PyPI's 0.9 is a different library underneath. `ip -n NAME` does
-its setns(2) in a fresh exec'd process, the same on every version, and its `-j` output is
-stable JSON. A namespace operation costs one fork+exec (a few ms): nothing next to a VM.
+Links inside a namespace are driven over netlink (adapters/netlink.py) through a socket made
+by `socket_in`: a short-lived thread setns(2)s into the namespace, makes the socket and
+ends, and the socket stays in that namespace whichever thread uses it. That replaces
+pyroute2's `NetNS`, which on Debian 12's pyroute2 0.7 forks a Python proxy process (fork
+without exec, from a daemon full of gRPC and libvirt threads).
+
+Making and removing the namespace itself stays with `ip netns add/delete` (one fork each,
+per pod): it also makes /run/netns a shared mount so the name is seen in every mount
+namespace. Programs run in a namespace (dnsmasq) through `ip netns exec`, whose setns
+happens in a fresh exec'd process. Both go through proc.run.
 
 Deletes are safe to repeat: deleting a namespace or a link that is gone succeeds.
 """
@@ -12,18 +18,16 @@ Deletes are safe to repeat: deleting a namespace or a link that is gone succeeds
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import re
 import socket
-import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from ..errors import Internal, InvalidArgument
+from ..errors import Internal, InvalidArgument, NotFound
+from . import netlink, proc
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +36,6 @@ NETNS_DIR = Path("/run/netns")
 IP_TIMEOUT = 30.0
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
-
-
-class IPError(Internal):
-    """An `ip` command failed; `stderr` holds its message."""
-
-    def __init__(self, message: str, stderr: str = "", **context: object) -> None:
-        super().__init__(message, **context)
-        self.stderr = stderr
 
 
 def check_name(name: str) -> str:
@@ -53,55 +49,26 @@ def path(name: str) -> Path:
     return NETNS_DIR / check_name(name)
 
 
-def ip(
-    *args: str,
-    netns: str | None = None,
-    json_out: bool = False,
-    check: bool = True,
-    stdin: str | None = None,
-) -> Any:
-    """Runs `ip [-n NETNS] [-j] ARGS`; returns parsed JSON (json_out) or stdout.
-
-    Raises IPError (an Internal) with ip's message when it fails and `check` is set;
-    with check=False a failure returns None.
-    """
-    argv = [IP]
-    if netns is not None:
-        argv += ["-n", check_name(netns)]
-    if json_out:
-        argv.append("-j")
-    argv += list(args)
-    try:
-        r = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                           timeout=IP_TIMEOUT, check=False)
-    except FileNotFoundError:
-        raise Internal("the ip command (package iproute2) is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise Internal(f"{' '.join(argv)} did not finish in {IP_TIMEOUT:.0f} s") from None
-    if r.returncode != 0:
-        if not check:
-            return None
-        err = r.stderr.strip()
-        raise IPError(f"{' '.join(argv)} failed: {err}", stderr=err)
-    if json_out:
-        out = r.stdout.strip()
-        return json.loads(out) if out else []
-    return r.stdout
-
-
 def exists(name: str) -> bool:
     return path(name).exists()
+
+
+def where(name: str | None) -> str:
+    """How messages name a namespace."""
+    return netlink.ROOT if name is None else f"network namespace {name}"
 
 
 def create(name: str) -> None:
     """Creates the namespace with its loopback up; an existing one is reused."""
     if not exists(name):
         try:
-            ip("netns", "add", name)
-        except IPError:
+            proc.run([IP, "netns", "add", name], timeout=IP_TIMEOUT,
+                     what=f"creating network namespace {name}", failure=Internal)
+        except Internal:
             if not exists(name):  # a concurrent create is fine; anything else is not
                 raise
-    ip("link", "set", "lo", "up", netns=name)
+    with open_netlink(name) as nl:
+        nl.set("lo", up=True)
 
 
 def delete(name: str) -> None:
@@ -112,10 +79,11 @@ def delete(name: str) -> None:
     if not exists(name):
         return
     try:
-        ip("netns", "delete", name)
-    except IPError as e:
+        proc.run([IP, "netns", "delete", name], timeout=IP_TIMEOUT,
+                 what=f"deleting network namespace {name}", failure=Internal)
+    except Internal:
         if exists(name):
-            raise Internal(f"deleting network namespace {name} failed: {e.stderr}") from e
+            raise
 
 
 def names() -> list[str]:
@@ -130,30 +98,45 @@ def exec_argv(name: str, argv: Sequence[str]) -> list[str]:
     return [IP, "netns", "exec", check_name(name), *argv]
 
 
-def link(name: str, netns: str | None = None) -> dict[str, Any] | None:
-    """One link as `ip -j -d link show` describes it, or None if there is no such link."""
-    if netns is not None and not exists(netns):
+def open_netlink(name: str | None = None) -> netlink.Netlink:
+    """A netlink session in the namespace (None: the root namespace); NotFound when the
+    namespace does not exist. Close it (it is a context manager)."""
+    if name is None:
+        return netlink.Netlink()
+    if not exists(name):
+        raise NotFound(f"network namespace {name} does not exist")
+    sock = socket_in(name, socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    try:
+        return netlink.Netlink(sock, where(name))
+    except BaseException:
+        sock.close()
+        raise
+
+
+def link(name: str, netns: str | None = None) -> netlink.Link | None:
+    """The link, or None if there is no such link (or namespace)."""
+    try:
+        with open_netlink(netns) as nl:
+            return nl.link(name)
+    except NotFound:
         return None
-    data = ip("-d", "link", "show", "dev", name, netns=netns, json_out=True, check=False)
-    if not data:
-        return None
-    return dict(data[0])
 
 
 def delete_link(name: str, netns: str | None = None) -> None:
     """Deletes a link; a missing link (or namespace) is success."""
-    if netns is not None and not exists(netns):
-        return
-    if ip("link", "delete", "dev", name, netns=netns, check=False) is None \
-            and link(name, netns) is not None:
-        raise Internal(f"deleting link {name} in {netns or 'the root namespace'} failed")
+    try:
+        with open_netlink(netns) as nl:
+            nl.delete(name)
+    except NotFound:
+        pass
 
 
 _CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def socket_in(name: str, family: int = socket.AF_INET6,
-              kind: int = socket.SOCK_STREAM) -> socket.socket:
+              kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
     """A socket that belongs to the namespace: made by a short-lived thread that entered
     it with setns(2) (which moves only the calling thread). The socket stays in that
     namespace for its life, whichever thread uses it."""
@@ -161,12 +144,11 @@ def socket_in(name: str, family: int = socket.AF_INET6,
 
     def make() -> None:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
             with open(path(name)) as ns:
-                if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+                if _libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns into {name}: {os.strerror(err)}")
-            out.append(socket.socket(family, kind))
+            out.append(socket.socket(family, kind, proto))
         except BaseException as e:
             out.append(e)
 

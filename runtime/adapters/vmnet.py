@@ -25,17 +25,18 @@ alone. On hot-unplug QEMU closes the fd and the persistent tap stays; `unwire` d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import Internal
-from . import netns
+from ..errors import Internal, NotFound
+from . import netlink, netns
 from .domain_xml import InterfaceSpec
 
 log = logging.getLogger(__name__)
@@ -101,34 +102,31 @@ class Port:
 # --- reading the CNI interface ------------------------------------------------------------
 
 
-def _addresses(ns: str, ifname: str) -> list[str]:
-    data = netns.ip("addr", "show", "dev", ifname, netns=ns, json_out=True)
-    out = []
-    for entry in data:
-        for a in entry.get("addr_info", []):
-            if a.get("family") in ("inet", "inet6") and a.get("scope") == "global":
-                out.append(f"{a['local']}/{a['prefixlen']}")
-    return out
-
-
-def _routes(ns: str, ifname: str) -> tuple[list[str], list[tuple[str, str]]]:
+def _routes(nl: netlink.Netlink, ifname: str) -> tuple[list[str], list[tuple[str, str]]]:
     """(default gateways, other routes with a gateway) on the interface."""
     gateways: list[str] = []
     routes: list[tuple[str, str]] = []
-    for family in ("-4", "-6"):
-        for r in netns.ip(family, "route", "show", "dev", ifname, netns=ns, json_out=True):
-            via = r.get("gateway")
-            dst = r.get("dst", "")
-            if not via:
-                continue  # on-link routes: the subnet's own, or ones the guest cannot take
-            if dst == "default":
-                if via not in gateways:
-                    gateways.append(via)
-            else:
-                if "/" not in dst:
-                    dst += "/32" if family == "-4" else "/128"
-                routes.append((dst, via))
+    for r in nl.routes(ifname):
+        if not r.gateway:
+            continue  # on-link routes: the subnet's own, or ones the guest cannot take
+        if not r.dst:
+            if r.gateway not in gateways:
+                gateways.append(r.gateway)
+        else:
+            routes.append((r.dst, r.gateway))
     return gateways, routes
+
+
+@contextlib.contextmanager
+def _session(ns: str | None) -> Iterator[netlink.Netlink | None]:
+    """A netlink session in `ns`, or None when the namespace is gone (so are its links)."""
+    try:
+        nl = netns.open_netlink(ns)
+    except NotFound:
+        yield None
+        return
+    with nl:
+        yield nl
 
 
 # --- wiring ---------------------------------------------------------------------------------
@@ -136,57 +134,52 @@ def _routes(ns: str, ifname: str) -> tuple[list[str], list[tuple[str, str]]]:
 
 def wire(ns: str, ifname: str, sandbox_id: str, slot: int, server_address: str) -> Port:
     """Bridges the CNI interface `ifname` for a VM NIC and makes its tap (see module doc)."""
-    info = netns.link(ifname, ns)
-    if info is None:
-        raise Internal(f"CNI interface {ifname} is not in {ns}")
-    mac = str(info.get("address", "")).lower()
-    mtu = int(info.get("mtu", 1500))
-    addresses = _addresses(ns, ifname)
-    gateways, routes = _routes(ns, ifname)
-    port = Port(ifname=ifname, slot=slot, bridge=bridge_name(slot),
-                tap=tap_name(sandbox_id, slot), guest_mac=mac, mtu=mtu,
-                addresses=tuple(addresses), gateways=tuple(gateways), routes=tuple(routes))
-    br = port.bridge
-    if netns.link(br, ns) is not None:
-        netns.delete_link(br, ns)  # left by an attempt cut short
-    netns.ip("link", "add", br, "type", "bridge", netns=ns)
-    # No IPv6 link-local addresses on the namespace's side: it is not a host on this wire.
-    for dev in (br, ifname):
-        netns.ip("link", "set", "dev", dev, "addrgenmode", "none", netns=ns, check=False)
-    netns.ip("link", "set", "dev", br, "address", random_mac(), "mtu", str(mtu), netns=ns)
-    netns.ip("addr", "flush", "dev", ifname, netns=ns)
-    netns.ip("link", "set", "dev", ifname, "down", netns=ns)
-    netns.ip("link", "set", "dev", ifname, "address", random_mac(), netns=ns)
-    netns.ip("link", "set", "dev", ifname, "master", br, "up", netns=ns)
-    netns.ip("addr", "add", f"{server_address}/32", "dev", br, netns=ns)
-    netns.ip("link", "set", "dev", br, "up", netns=ns)
+    with netns.open_netlink(ns) as nl:
+        info = nl.link(ifname)
+        if info is None:
+            raise Internal(f"CNI interface {ifname} is not in {ns}")
+        addresses = [a.cidr for a in nl.addresses(ifname) if a.scope == netlink.SCOPE_GLOBAL]
+        gateways, routes = _routes(nl, ifname)
+        port = Port(ifname=ifname, slot=slot, bridge=bridge_name(slot),
+                    tap=tap_name(sandbox_id, slot), guest_mac=info.mac, mtu=info.mtu or 1500,
+                    addresses=tuple(addresses), gateways=tuple(gateways), routes=tuple(routes))
+        br = port.bridge
+        nl.delete(br)  # left by an attempt cut short
+        nl.add_bridge(br)
+        # No IPv6 link-local addresses on the namespace's side: it is not a host on this wire.
+        for dev in (br, ifname):
+            nl.no_ipv6_link_local(dev)
+        nl.set(br, mac=random_mac(), mtu=port.mtu)
+        nl.flush_addresses(ifname)
+        nl.set(ifname, up=False)
+        nl.set(ifname, mac=random_mac())
+        nl.set(ifname, master=br, up=True)
+        nl.add_address(br, f"{server_address}/32")
+        nl.set(br, up=True)
     make_tap(port)
     return port
 
 
 def make_tap(port: Port) -> None:
     """The port's tap in the root namespace, up, ready for libvirt to open."""
-    old = netns.link(port.tap)
-    if old is not None:
-        if _opened(old):
-            raise Internal(f"tap {port.tap} exists and is in use; not taking it over")
-        netns.delete_link(port.tap)  # a leftover of ours: names derive from the sandbox id
-    netns.ip("tuntap", "add", "dev", port.tap, "mode", "tap")
-    netns.ip("link", "set", "dev", port.tap, "addrgenmode", "none", check=False)
-    netns.ip("link", "set", "dev", port.tap, "mtu", str(port.mtu), "up")
-
-
-def _opened(link: dict[str, Any]) -> bool:
-    """A tap has carrier exactly while a process (QEMU) holds it open."""
-    flags = link.get("flags", [])
-    return "NO-CARRIER" not in flags and "UP" in flags
+    with netns.open_netlink() as nl:
+        old = nl.link(port.tap)
+        if old is not None:
+            if old.opened:
+                raise Internal(f"tap {port.tap} exists and is in use; not taking it over")
+            nl.delete(port.tap)  # a leftover of ours: names derive from the sandbox id
+        netlink.make_tap(port.tap)
+        nl.no_ipv6_link_local(port.tap)
+        nl.set(port.tap, mtu=port.mtu, up=True)
 
 
 def unwire(ns: str, port: Port) -> None:
     """Deletes the port's tap wherever it is and its bridge; safe to repeat."""
     netns.delete_link(port.tap)
-    netns.delete_link(port.tap, ns)
-    netns.delete_link(port.bridge, ns)
+    with _session(ns) as nl:
+        if nl is not None:
+            nl.delete(port.tap)
+            nl.delete(port.bridge)
 
 
 def move_opened_taps(ns: str, ports: Sequence[Port]) -> list[str]:
@@ -194,30 +187,31 @@ def move_opened_taps(ns: str, ports: Sequence[Port]) -> list[str]:
 
     Returns the taps moved. A tap QEMU has not opened stays where libvirt looks for it.
     """
-    moved = []
-    for port in ports:
-        link = netns.link(port.tap)
-        if link is None or not _opened(link):
-            continue
-        netns.ip("link", "set", "dev", port.tap, "netns", ns)
-        netns.ip("link", "set", "dev", port.tap, "addrgenmode", "none", netns=ns, check=False)
-        netns.ip("link", "set", "dev", port.tap, "master", port.bridge, "mtu", str(port.mtu),
-                 "up", netns=ns)
-        moved.append(port.tap)
+    moved: list[str] = []
+    with netns.open_netlink() as root:
+        opened = [p for p in ports if (t := root.link(p.tap)) is not None and t.opened]
+        if not opened:
+            return moved
+        with netns.open_netlink(ns) as nl:
+            for port in opened:
+                root.move(port.tap, netns.path(ns), ns)
+                nl.no_ipv6_link_local(port.tap)
+                nl.set(port.tap, master=port.bridge, mtu=port.mtu, up=True)
+                moved.append(port.tap)
     return moved
 
 
 def ensure_taps(ns: str, ports: Sequence[Port]) -> None:
     """Before the domain starts: every port's tap unopened in the root namespace."""
-    for port in ports:
-        inside = netns.link(port.tap, ns)
-        if inside is not None:
-            if _opened(inside):
-                log.info("tap %s is in use in %s; leaving it", port.tap, ns)
-                continue
-            netns.delete_link(port.tap, ns)
-        if netns.link(port.tap) is None:
-            make_tap(port)
+    with _session(ns) as nl:
+        for port in ports:
+            if nl is not None and (inside := nl.link(port.tap)) is not None:
+                if inside.opened:
+                    log.info("tap %s is in use in %s; leaving it", port.tap, ns)
+                    continue
+                nl.delete(port.tap)
+            if netns.link(port.tap) is None:
+                make_tap(port)
 
 
 def tap_location(ns: str, port: Port) -> str:
@@ -247,15 +241,16 @@ def eui64_link_local(mac: str) -> str:
 def ensure_link_local(ns: str, bridge: str) -> int:
     """Gives the bridge a random link-local address (no DAD: it is random) if it has none;
     returns the bridge's ifindex, the scope id for sockets."""
-    data = netns.ip("addr", "show", "dev", bridge, netns=ns, json_out=True)
-    if not data:
-        raise Internal(f"bridge {bridge} is not in {ns}")
-    if not any(a.get("family") == "inet6" and a.get("scope") == "link"
-               for a in data[0].get("addr_info", [])):
-        iid = secrets.token_bytes(8)
-        groups = ":".join(f"{iid[i] << 8 | iid[i + 1]:x}" for i in range(0, 8, 2))
-        netns.ip("addr", "add", f"fe80::{groups}/64", "dev", bridge, "nodad", netns=ns)
-    return int(data[0]["ifindex"])
+    with netns.open_netlink(ns) as nl:
+        link = nl.link(bridge)
+        if link is None:
+            raise Internal(f"bridge {bridge} is not in {ns}")
+        if not any(a.family == socket.AF_INET6 and a.scope == netlink.SCOPE_LINK
+                   for a in nl.addresses(bridge)):
+            iid = secrets.token_bytes(8)
+            groups = ":".join(f"{iid[i] << 8 | iid[i + 1]:x}" for i in range(0, 8, 2))
+            nl.add_address(bridge, f"fe80::{groups}/64", nodad=True)
+        return link.index
 
 
 def connect_guest(ns: str, port: Port, tcp_port: int, timeout: float) -> socket.socket:
@@ -286,17 +281,10 @@ class InterfaceUsage:
 
 
 def usage(ns: str, ifnames: Sequence[str]) -> list[InterfaceUsage]:
-    if not netns.exists(ns):
-        return []
-    out = []
-    for entry in netns.ip("-s", "link", "show", netns=ns, json_out=True):
-        if entry.get("ifname") not in ifnames:
-            continue
-        st = entry.get("stats64", {})
-        rx, tx = st.get("rx", {}), st.get("tx", {})
-        out.append(InterfaceUsage(name=entry["ifname"], rx_bytes=int(rx.get("bytes", 0)),
-                                  rx_errors=int(rx.get("errors", 0)),
-                                  tx_bytes=int(tx.get("bytes", 0)),
-                                  tx_errors=int(tx.get("errors", 0))))
+    with _session(ns) as nl:
+        links = nl.links() if nl is not None else []
+    out = [InterfaceUsage(name=link.name, rx_bytes=link.rx_bytes, rx_errors=link.rx_errors,
+                          tx_bytes=link.tx_bytes, tx_errors=link.tx_errors)
+           for link in links if link.name in ifnames]
     out.sort(key=lambda u: list(ifnames).index(u.name))
     return out
