@@ -18,7 +18,6 @@ belongs to, so a restarted daemon can rebuild its memory from libvirt (`parse_me
 
 from __future__ import annotations
 
-import functools
 import re
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
@@ -31,10 +30,10 @@ import jinja2
 
 from ..checks import has_control, ifname_problem, is_mac, is_uuid
 from ..errors import InvalidArgument
+from . import templates
+from .templates import default_template_dirs
 
 METADATA_NS = "https://arktos-vm-runtime/xmlns/domain/1"
-DEFAULT_OVERRIDE_DIR = Path("/etc/arktos-vm-runtime/templates")
-INSTALLED_TEMPLATE_DIR = Path("/usr/share/arktos-vm-runtime/templates")
 DOMAIN_TEMPLATE = "domain.xml.j2"
 INTERFACE_TEMPLATE = "interface.xml.j2"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -44,45 +43,11 @@ DiskBus = Literal["virtio", "scsi"]
 DiskCache = Literal["none", "writeback"]
 
 
-# --- template lookup ----------------------------------------------------------------------
-
-
-def project_template_dir() -> Path:
-    """The project's templates/: beside the source tree when run from it, else installed."""
-    package_dir = Path(__file__).resolve().parent.parent
-    if package_dir.name == "runtime":
-        source_tree = package_dir.parent / "templates"
-        if (source_tree / DOMAIN_TEMPLATE).is_file():
-            return source_tree
-    return INSTALLED_TEMPLATE_DIR
-
-
-def default_template_dirs(override_dir: Path | str | None = DEFAULT_OVERRIDE_DIR) -> list[Path]:
-    """Template search path: the operator's override directory (if any), then the project's."""
-    dirs: list[Path] = []
-    if override_dir:
-        dirs.append(Path(override_dir))
-    dirs.append(project_template_dir())
-    return dirs
-
-
-@functools.lru_cache(maxsize=16)
-def _environment(dirs: tuple[str, ...], autoescape: bool) -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(list(dirs)),
-        autoescape=autoescape,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
 def template_environment(
     template_dirs: Sequence[Path | str], *, autoescape: bool = True
 ) -> jinja2.Environment:
-    """A (cached) Jinja2 environment over `template_dirs`, StrictUndefined, autoescaping."""
-    return _environment(tuple(str(d) for d in template_dirs), autoescape)
+    """The XML templates' environment: strict and autoescaping (see adapters/templates)."""
+    return templates.environment(template_dirs, autoescape=autoescape)
 
 
 # --- the spec -----------------------------------------------------------------------------

@@ -17,7 +17,6 @@ a template takes from the context goes through a filter that quotes it for the f
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import jinja2
 import yaml
 
 from ..errors import Internal
+from . import templates
 
 TEMPLATE_DIR = "cloud-init"
 # libyaml's loader when there is one (the pure-Python one is far slower).
@@ -74,20 +74,7 @@ def json_text(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=True) + "\n"
 
 
-@functools.lru_cache(maxsize=16)
-def _environment(dirs: tuple[str, ...]) -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(list(dirs)),
-        autoescape=False,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    env.filters["yaml"] = yaml_inline
-    env.filters["to_yaml"] = to_yaml
-    env.filters["to_json"] = to_json
-    return env
+_FILTERS: templates.Filters = (("yaml", yaml_inline), ("to_yaml", to_yaml), ("to_json", to_json))
 
 
 def render(template_dirs: Sequence[Path | str], name: str, **context: Any) -> str:
@@ -97,7 +84,7 @@ def render(template_dirs: Sequence[Path | str], name: str, **context: Any) -> st
     variables) raises Internal naming it.
     """
     template = f"{TEMPLATE_DIR}/{name}.j2"
-    env = _environment(tuple(str(d) for d in template_dirs))
+    env = templates.environment(template_dirs, autoescape=False, filters=_FILTERS)
     try:
         return env.get_template(template).render(**context)
     except jinja2.TemplateError as exc:

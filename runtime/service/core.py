@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from ..adapters import cni
-from ..adapters.domain_xml import default_template_dirs
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_domains import Domains
+from ..adapters.templates import default_template_dirs
 from ..config import Settings
 from .health import Condition, LibvirtHealth, cni_condition
 from .images import ImageRecord, ImageStore

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import seed_templates
-from ..adapters.domain_xml import default_template_dirs
 from ..adapters.seed_iso import SeedFiles
+from ..adapters.templates import default_template_dirs
 from ..errors import InvalidArgument
 from .guest_network import NetInterface, NetworkInfo
 from .vmconfig import VMConfig

@@ -19,7 +19,7 @@ import libvirt
 import pytest
 
 from arktos_vm_runtime.adapters import dhcp, netns, vmnet
-from arktos_vm_runtime.adapters.domain_xml import default_template_dirs
+from arktos_vm_runtime.adapters.templates import default_template_dirs
 from arktos_vm_runtime.errors import (
     AlreadyExists,
     DeadlineExceeded,

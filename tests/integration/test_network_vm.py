@@ -18,8 +18,9 @@ import libvirt
 import pytest
 
 from arktos_vm_runtime.adapters import dhcp, libvirt_nics, vmnet
-from arktos_vm_runtime.adapters.domain_xml import default_template_dirs, render_interface
+from arktos_vm_runtime.adapters.domain_xml import render_interface
 from arktos_vm_runtime.adapters.seed_iso import write_seed_iso
+from arktos_vm_runtime.adapters.templates import default_template_dirs
 from arktos_vm_runtime.service.network_state import NIC_READY
 from arktos_vm_runtime.service.nic_spec import NicInfo
 from arktos_vm_runtime.service.pod_network import PodNetworks

@@ -24,12 +24,12 @@ from arktos_vm_runtime.adapters.domain_xml import (
     DomainMetadata,
     DomainSpec,
     InterfaceSpec,
-    default_template_dirs,
     parse_metadata,
     render_domain,
     render_interface,
 )
 from arktos_vm_runtime.adapters.seed_iso import write_seed_iso
+from arktos_vm_runtime.adapters.templates import default_template_dirs, project_template_dir
 from arktos_vm_runtime.errors import InvalidArgument
 from arktos_vm_runtime.service.seed import render_seed
 from arktos_vm_runtime.service.vmconfig import parse_vm_config
@@ -446,7 +446,7 @@ def test_parse_metadata_of_foreign_domain() -> None:
 
 
 def test_project_template_dir_is_the_source_tree() -> None:
-    assert dx.project_template_dir() == TEMPLATES[0]
+    assert project_template_dir() == TEMPLATES[0]
 
 
 def test_default_template_dirs() -> None:
