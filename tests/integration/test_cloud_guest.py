@@ -7,6 +7,7 @@ marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from tests.integration.test_network_common import CniTestNet, cni_test_network
 from tests.integration.vmpods import (
     CRI_LINE,
     container_config,
+    cri_records,
     domain_names,
     image_server,
     log_text,
@@ -53,6 +55,7 @@ def _scenario(short_tmp: Path, served_cloud_image: str, api: str, net: CniTestNe
     pb, _ = APIS[api]
     marker = f"CLOUD-INIT-RUNCMD-{api}-OK"
     d = vm_runtime(short_tmp, net).start()
+    sid = ""
     try:
         rt, img = d.runtime(api), d.images(api)
         img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=served_cloud_image)),
@@ -77,9 +80,9 @@ def _scenario(short_tmp: Path, served_cloud_image: str, api: str, net: CniTestNe
         log_file = log_dir / "vm" / "0.log"
         wait_for("cloud-init's runcmd line in the pod log",
                  lambda: any(line.endswith(f"stdout F {marker}")
-                             for line in log_text(log_file).splitlines()),
+                             for line in cri_records(log_text(log_file))),
                  CLOUD_INIT_TIMEOUT, every=1)
-        assert all(CRI_LINE.match(x) for x in log_text(log_file).splitlines())
+        assert all(CRI_LINE.match(x) for x in cri_records(log_text(log_file)))
         # cloud-init applied the static network-config: the guest answers on its CNI address.
         ip = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid),
                                  timeout=10).status.network.ip
@@ -104,7 +107,12 @@ def _scenario(short_tmp: Path, served_cloud_image: str, api: str, net: CniTestNe
         assert not (Path(d.state_dir) / "vms" / cid).exists()
         blobs = Path(d.state_dir) / "images" / "blobs" / "sha256"
         assert not blobs.exists() or not any(blobs.iterdir())
+        sid = ""
     finally:
+        if sid:  # a failed run leaves no pod (netns, dnsmasq) for the next test to trip on
+            with contextlib.suppress(Exception):
+                d.runtime(api).RemovePodSandbox(
+                    pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
         d.stop()
         shutil.rmtree(short_tmp / "pods", ignore_errors=True)
 

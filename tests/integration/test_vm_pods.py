@@ -19,6 +19,7 @@ from tests.integration.test_network_common import CniTestNet
 from tests.integration.vmpods import (
     CRI_LINE,
     container_config,
+    cri_records,
     domain_names,
     log_text,
     sandbox_config,
@@ -102,7 +103,7 @@ def test_vm_pod_lifecycle(vm_daemon: Daemon, served_minimal_image: str, api: str
     log_file = log_dir / "vm" / "0.log"
     wait_for("the guest's marker in the pod log",
              lambda: MARKER in log_text(log_file), BOOT_TIMEOUT)
-    lines = log_text(log_file).splitlines()
+    lines = cri_records(log_text(log_file))
     assert lines and all(CRI_LINE.match(line) for line in lines), lines[:5]
     status = _state(d, api, cid)
     assert status.state == pb.CONTAINER_RUNNING and status.started_at > status.created_at

@@ -66,6 +66,12 @@ def log_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def cri_records(text: str) -> list[str]:
+    """A CRI log's records: split on '\n' only, as the kubelet reads them. A record may hold
+    a lone '\r' (a boot spinner redrawing its line), which str.splitlines() would cut."""
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
 def domain_names() -> list[str]:
     r = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                        capture_output=True, text=True, check=True)
