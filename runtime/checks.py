@@ -24,6 +24,9 @@ _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 # C0 controls and DEL: never in a name, a CNI argument, an XML text or a log field.
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# DNS search domains as resolv.conf, dnsmasq and cloud-init take them; underscores appear
+# in real zones.
+_SEARCH_DOMAIN = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 # Linux interface names: IFNAMSIZ - 1 characters, not starting with '-' or '.', so they
 # can never be read as an option or as '.'/'..'.
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
@@ -77,6 +80,10 @@ def check_text(what: str, value: str, *, max_len: int = 253, allow_empty: bool =
     return value
 
 
+def is_search_domain(value: str) -> bool:
+    return isinstance(value, str) and _SEARCH_DOMAIN.fullmatch(value) is not None
+
+
 def ifname_problem(name: str) -> str | None:
     """Why `name` cannot be a Linux interface name, or None when it can."""
     if not isinstance(name, str) or not _IFNAME.fullmatch(name):
@@ -112,9 +119,10 @@ def is_uuid(value: str) -> bool:
     return isinstance(value, str) and _UUID.fullmatch(value) is not None
 
 
-def cni_value_problem(value: str, max_len: int = 253) -> str | None:
-    """Why `value` cannot travel in CNI_ARGS (K=V;K=V), or None when it can."""
-    if len(value) > max_len:
+def cni_value_problem(value: str, max_len: int | None = 253) -> str | None:
+    """Why `value` cannot travel in CNI_ARGS (K=V;K=V), or None when it can. max_len None:
+    bounded by the caller (the NICs JSON is checked as an annotation, not as one value)."""
+    if max_len is not None and len(value) > max_len:
         return f"{shown(value)} is longer than {max_len} characters"
     if ";" in value or "=" in value:
         return f"{shown(value)} contains ';' or '='"

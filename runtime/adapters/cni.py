@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_ifname, cni_key_problem, cni_value_problem, has_control
 from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
 from . import proc
 
@@ -39,9 +40,6 @@ MAX_OUTPUT = 1 << 20  # a result larger than 1 MiB is garbage
 PLUGIN_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _PLUGIN_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_ARG_KEY = re.compile(r"[A-Za-z0-9_.-]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
 # --- CNI_ARGS -----------------------------------------------------------------------------
@@ -89,15 +87,13 @@ def format_cni_args(pairs: Sequence[tuple[str, str]]) -> str:
     """`K1=V1;K2=V2`; InvalidArgument naming the key if a key or value cannot travel."""
     parts = []
     for key, value in pairs:
-        if not _ARG_KEY.fullmatch(key):
-            raise InvalidArgument(f"CNI argument name {key[:60]!r} does not match [A-Za-z0-9_.-]+")
-        if ";" in value or "=" in value:
-            raise InvalidArgument(
-                f"CNI argument {key}: value {value[:60]!r} contains ';' or '=', which CNI_ARGS "
-                "cannot carry"
-            )
-        if _CONTROL.search(value):
-            raise InvalidArgument(f"CNI argument {key}: value contains control characters")
+        problem = cni_key_problem(key)
+        if problem is not None:
+            raise InvalidArgument(f"CNI argument name {problem}")
+        problem = cni_value_problem(value, max_len=None)
+        if problem is not None:
+            raise InvalidArgument(f"CNI argument {key}: value {problem}, which CNI_ARGS "
+                                  "cannot carry")
         parts.append(f"{key}={value}")
     return ";".join(parts)
 
@@ -187,9 +183,8 @@ class RuntimeConf:
     args: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
-        if not _IFNAME.fullmatch(self.ifname):
-            raise InvalidArgument(f"interface name {self.ifname!r} is not valid")
-        if not self.container_id or _CONTROL.search(self.container_id):
+        check_ifname("CNI interface name", self.ifname)
+        if not self.container_id or has_control(self.container_id):
             raise InvalidArgument("CNI container id must be non-empty text")
 
 

@@ -9,14 +9,10 @@ so no template ever sees an address that is not one.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass
 
-from ..checks import ifname_problem, is_mac, shown
+from ..checks import ifname_problem, is_mac, is_search_domain, shown
 from ..errors import InvalidArgument
-
-# DNS search domains as resolv.conf takes them; underscores appear in real zones.
-_SEARCH_DOMAIN = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +68,7 @@ class NetworkInfo:
         except ValueError as exc:
             raise InvalidArgument(f"network: DNS server: {exc}") from None
         for domain in self.dns_search:
-            if not _SEARCH_DOMAIN.fullmatch(domain):
+            if not is_search_domain(domain):
                 raise InvalidArgument(f"network: {shown(domain)} is not a search domain")
         macs = [i.mac for i in self.interfaces]
         if len(macs) != len(set(macs)):

@@ -11,18 +11,16 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters import cni, dhcp, netns, vmnet
+from ..checks import is_search_domain
 from .guest_network import NetInterface, NetworkInfo
 from .network_state import Attachment, NetworkRecords, PodNetwork, PodState, pod_ips
 
 log = logging.getLogger(__name__)
 
-# DNS search domains from a CNI result, as dnsmasq and cloud-init take them
-_SEARCH_DOMAIN = re.compile(r"[A-Za-z0-9_.-]{1,253}")
 
 
 class PodWiring:
@@ -102,7 +100,7 @@ class PodWiring:
                         servers.append(str(ipaddress.ip_address(s)))
                     except ValueError:
                         log.warning("CNI result names DNS server %r; not an address", s)
-                search = tuple(s for s in r.dns_search if _SEARCH_DOMAIN.fullmatch(s))
+                search = tuple(s for s in r.dns_search if is_search_domain(s))
                 return tuple(servers), search
         return (), ()
 
