@@ -81,8 +81,10 @@ LIMITS: dict[str, Limit] = {
     "NicSpec.PortId": Limit(253), "NicSpec.IpAddress": Limit(253), "NicSpec.tag": Limit(253),
     "NicSpec.VPC": Limit(253), "NicName": Limit(253),
     # labels and annotations, as Kubernetes limits them; the label selectors of filters
-    # are labels. User-data, SSH keys and the Arktos cni-args / NICs annotations are
-    # annotations: ANNOTATION_LIMITS below narrows the ones that become CNI_ARGS.
+    # are labels. User-data (VirtletCloudInitUserData, ...Script) and SSH keys are
+    # annotations, bounded by their total: cloud-init sets no smaller limit of its own
+    # (EC2's 16 KiB is one cloud's, too small for Virtlet's scripts). The Arktos cni-args,
+    # NICs and VPC annotations become CNI_ARGS: ANNOTATION_LIMITS below narrows them.
     "labels": _LABELS, "label_selector": _LABELS, "annotations": _ANNOTATIONS,
     # images: image_names.MAX_NAME_LENGTH (a registry reference is at most 255 + tag and
     # digest; Virtlet names may be URLs)
