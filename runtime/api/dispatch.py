@@ -129,6 +129,9 @@ def _unary(
             log.log(level, "%s %s in %.1f ms%s", full, code.name,
                     (time.monotonic() - started) * 1000, f": {detail}" if detail else "",
                     extra=fields)
+        # abort raises, and grpc keeps that exception in a cycle with this frame until the
+        # garbage collector runs: this frame must not keep the (maybe 16 MiB) request.
+        request = None
         await context.abort(code, detail)
 
     return handle
