@@ -4,7 +4,8 @@ Handlers are built from the services' descriptors rather than the generated serv
 classes so that, uniformly for every method of both versions:
   - a request that fails to parse, or is larger than the CRI limit, is INVALID_ARGUMENT
     (grpcio's default would be INTERNAL / RESOURCE_EXHAUSTED with no field named);
-  - enum values and required ids are checked before the servicer runs;
+  - sizes (limits.py), enum values and required ids are checked before the servicer
+    runs, and before anything is logged;
   - a method the servicer lacks is UNIMPLEMENTED naming the method;
   - runtime errors map to status codes in one place, and anything unexpected is INTERNAL
     with its traceback logged;
@@ -42,6 +43,9 @@ TRANSPORT_LIMIT = MAX_MESSAGE + 1024 * 1024
 _QUIET = {"Version", "Status", "ListPodSandbox", "ListContainers", "ListImages",
           "ImageFsInfo", "PodSandboxStatus", "ContainerStatus", "ListContainerStats",
           "ImageStatus"}
+# An error message goes into a gRPC trailer (the client's metadata limit is 8 KiB by
+# default) and a log line: messages cut what they echo (checks.shown); this cuts the rest.
+MAX_DETAIL = 1024
 # Request fields copied into the journal entry of a call.
 _ID_FIELDS = {"pod_sandbox_id": "POD_SANDBOX_ID", "container_id": "CONTAINER_ID",
               "vm_id": "CONTAINER_ID", "vmID": "CONTAINER_ID"}
@@ -114,6 +118,8 @@ def _unary(
             log.exception("%s failed unexpectedly", full, extra={"CRI_METHOD": name})
             code, detail = grpc.StatusCode.INTERNAL, f"internal error in {name}: {e}"
         finally:
+            if len(detail) > MAX_DETAIL:
+                detail = detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
             fields = {"CRI_METHOD": name, "CRI_API": api_version, "GRPC_CODE": code.name,
                       **_ids(request)}
             level = logging.DEBUG if name in _QUIET and code == grpc.StatusCode.OK else logging.INFO
@@ -123,6 +129,9 @@ def _unary(
             log.log(level, "%s %s in %.1f ms%s", full, code.name,
                     (time.monotonic() - started) * 1000, f": {detail}" if detail else "",
                     extra=fields)
+        # abort raises, and grpc keeps that exception in a cycle with this frame until the
+        # garbage collector runs: this frame must not keep the (maybe 16 MiB) request.
+        request = None
         await context.abort(code, detail)
 
     return handle

@@ -1,4 +1,5 @@
-"""Checks every request gets before a servicer sees it: enum values and required fields.
+"""Checks every request gets before a servicer sees it: sizes (limits.py), enum values and
+required fields.
 
 proto3 enums are open, so an unknown number arrives as a plain int; it is refused here
 for every enum field at any depth, naming the field. Required fields are the ids and
@@ -11,6 +12,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from ..errors import InvalidArgument
+from . import limits
 
 # method name -> dotted paths of fields that must be set (non-empty / present).
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -97,5 +99,6 @@ def check_required(method: str, msg: Message) -> None:
 
 
 def check(method: str, msg: Message) -> None:
+    limits.check_sizes(msg)  # first: nothing below may log or echo a huge value
     check_required(method, msg)
     check_enums(msg)

@@ -22,6 +22,7 @@ from ..adapters.console_log import ConsoleLogs
 from ..adapters.domain_xml import render_domain
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent
 from ..adapters.seed_iso import write_seed_iso
+from ..checks import shown
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from . import designer
@@ -96,7 +97,7 @@ class Containers:
     def container(self, cid: str) -> ContainerRecord:
         rec = self._state.container(cid)
         if rec is None or rec.state == CREATING:
-            raise NotFound(f"container {cid} not found")
+            raise NotFound(f"container {shown(cid)} not found")
         return rec
 
     def image_in_use(self, digest: str) -> bool:
@@ -133,11 +134,13 @@ class Containers:
     # -- lifecycle ------------------------------------------------------------------------
 
     def create(self, sandbox_id: str, c: ContainerInput) -> str:
+        if self._state.sandbox(sandbox_id) is None:  # before any lock: an unknown id
+            raise NotFound(f"pod sandbox {shown(sandbox_id)} not found")  # leaves nothing
         self._ensure_reconciled()
         with self._state.pod_lock(sandbox_id):
             sb = self._state.sandbox(sandbox_id)
             if sb is None:
-                raise NotFound(f"pod sandbox {sandbox_id} not found")
+                raise NotFound(f"pod sandbox {shown(sandbox_id)} not found")
             if sb.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {sandbox_id} is not ready")
             for other in self._state.containers_of(sandbox_id):
@@ -285,5 +288,5 @@ class Containers:
     def reopen_log(self, cid: str) -> None:
         rec = self.container(cid)
         if rec.state != RUNNING:
-            raise FailedPrecondition(f"container {cid} is not running")
+            raise FailedPrecondition(f"container {shown(cid)} is not running")
         self._console.reopen(cid)

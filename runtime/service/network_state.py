@@ -18,15 +18,16 @@ import dataclasses
 import ipaddress
 import logging
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from ..adapters import cni, dhcp, vmnet
 from ..adapters.domain_xml import InterfaceSpec
+from ..checks import shown
 from ..errors import NotFound, RuntimeError_
 from .guest_network import NetworkInfo
+from .keyed_locks import KeyedLocks
 from .nic_spec import NicInfo
 from .store import Store
 
@@ -169,7 +170,7 @@ class PodState:
         for att in self.attachments:
             if att.ifname == ifname:
                 return att
-        raise NotFound(f"pod sandbox {self.sandbox_id} has no attachment {ifname}")
+        raise NotFound(f"pod sandbox {self.sandbox_id} has no attachment {shown(ifname)}")
 
     def with_attachment(self, att: Attachment) -> PodState:
         """This state with `att` in place of the attachment of its ifname, else appended."""
@@ -236,7 +237,7 @@ class NetworkRecords:
         self._store = store
         self._states: dict[str, PodState] = {}
         self._lock = threading.Lock()  # the memory swap only
-        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks = KeyedLocks()  # per sandbox, only while held or awaited
         for data in store.all(TABLE):
             try:
                 st = PodState.from_dict(data)
@@ -248,10 +249,9 @@ class NetworkRecords:
 
     @contextmanager
     def locked(self, sandbox_id: str) -> Iterator[None]:
-        """Serialises the changes to one sandbox's network (held across their I/O)."""
-        with self._lock:
-            lock = self._locks[sandbox_id]
-        with lock:
+        """Serialises the changes to one sandbox's network (held across their I/O). The lock
+        lasts while it is held or awaited: an id without a record keeps nothing."""
+        with self._locks.hold(sandbox_id):
             yield
 
     def get(self, sandbox_id: str) -> PodState | None:
@@ -261,7 +261,7 @@ class NetworkRecords:
     def current(self, sandbox_id: str) -> PodState:
         st = self.get(sandbox_id)
         if st is None:
-            raise NotFound(f"pod sandbox {sandbox_id} has no network")
+            raise NotFound(f"pod sandbox {shown(sandbox_id)} has no network")
         return st
 
     def ids(self) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..adapters import libvirt_nics, netns, vmnet
 from ..adapters.domain_xml import render_interface
-from ..checks import cni_value_problem
+from ..checks import cni_value_problem, shown
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .network_state import (
     DETACHING,
@@ -80,6 +80,7 @@ class NicHotplug:
         """
         validate_nic(nic, vpc)
         records, wiring = self._records, self._wiring
+        records.current(sandbox_id)  # NotFound before any lock
         with records.locked(sandbox_id):
             st = records.current(sandbox_id)
             if not st.ready:
@@ -134,6 +135,7 @@ class NicHotplug:
         """DetachNetworkInterface: unplug from the VM and the definition, tap, bridge, lease,
         CNI DEL. NotFound if no such NIC; the pod's own NICs (from RunPodSandbox) cannot
         be detached (FailedPrecondition)."""
+        self._records.current(sandbox_id)  # NotFound before any lock
         with self._records.locked(sandbox_id):
             st = self._records.current(sandbox_id)
             att = next((a for a in st.attachments
@@ -143,9 +145,9 @@ class NicHotplug:
                 if any(n.name == nic_name or a.ifname == nic_name
                        for a in st.attachments for n in [*a.nics, NicInfo(name=a.ifname)]):
                     raise FailedPrecondition(
-                        f"NIC {nic_name} came with pod sandbox {sandbox_id}; it cannot be "
+                        f"NIC {shown(nic_name)} came with pod sandbox {sandbox_id}; it cannot be "
                         "detached")
-                raise NotFound(f"pod sandbox {sandbox_id} has no NIC {nic_name}")
+                raise NotFound(f"pod sandbox {sandbox_id} has no NIC {shown(nic_name)}")
             att = dataclasses.replace(att, state=DETACHING, domain=domain_uuid or att.domain)
             st = self._records.save(st.with_attachment(att))
             self.remove(st, att.ifname)

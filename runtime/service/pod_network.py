@@ -145,13 +145,14 @@ class PodNetworks:
         Works from the stored state alone (after a daemon restart or a host reboot). A DEL
         that fails keeps the state and raises (Unavailable/DeadlineExceeded); call again.
         """
+        if self._records.get(sandbox_id) is None:  # looked up before any lock
+            try:
+                check_id("pod sandbox id", sandbox_id)
+            except InvalidArgument:
+                return  # never ours: no namespace can carry that name
         with self._records.locked(sandbox_id):
             st = self._records.get(sandbox_id)
             if st is None:
-                try:
-                    check_id("pod sandbox id", sandbox_id)
-                except InvalidArgument:
-                    return  # never ours: no namespace can carry that name
                 netns.delete(NETNS_PREFIX + sandbox_id)
                 return
             self._teardown_locked(st)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.libvirt_domains import Domains
-from ..checks import check_hostname, check_id
+from ..checks import check_hostname, check_id, shown
 from ..config import Settings
 from ..errors import FailedPrecondition, NotFound
 from .containers import ContainerInput, Containers, now_ns
@@ -98,7 +98,7 @@ class Pods:
     def sandbox(self, sandbox_id: str) -> SandboxRecord:
         sb = self.state.sandbox(sandbox_id)
         if sb is None:
-            raise NotFound(f"pod sandbox {sandbox_id} not found")
+            raise NotFound(f"pod sandbox {shown(sandbox_id)} not found")
         return sb
 
     def sandboxes(self) -> list[SandboxRecord]:
@@ -167,9 +167,9 @@ class Pods:
         if len(named) == 1:
             return named[0]
         if len(named) > 1:
-            raise FailedPrecondition(f"pod name {ref[:100]!r} is ambiguous: "
+            raise FailedPrecondition(f"pod name {shown(ref)} is ambiguous: "
                                      f"{len(named)} ready sandboxes carry it; use the id")
-        raise NotFound(f"no pod sandbox with id or name {ref[:100]!r}")
+        raise NotFound(f"no pod sandbox with id or name {shown(ref)}")
 
     def _vm_of(self, sandbox_id: str) -> str | None:
         return next((c.id for c in self.state.containers_of(sandbox_id)

@@ -5,7 +5,10 @@ frozen record: written to the store first, then swapped into memory. Locks, alwa
 in this order and never the other way round:
 
 - a pod's lock (`pod_lock`) serialises the lifecycle calls of one pod and may cover any
-  I/O (libvirt, CNI, files); libvirt's event thread and the console thread never take it;
+  I/O (libvirt, CNI, files); libvirt's event thread and the console thread never take it.
+  Callers look the pod up first and lock only one they know (or are making, in
+  RunPodSandbox, with a checked id); the lock exists only while held or awaited, so an
+  unknown or removed id leaves nothing behind (keyed_locks);
 - `_write` orders the record writers, so a change is computed from the current record and
   no writer swaps a stale record over a newer one; it covers store writes only;
 - `lock`, the memory lock, covers dict lookups and swaps only, never I/O: a List or
@@ -17,9 +20,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+from .keyed_locks import KeyedLocks
 from .records import ContainerRecord, SandboxRecord
 from .store import Store
 
@@ -36,18 +41,19 @@ class PodState:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self._write = threading.Lock()
-        self._pod_locks: dict[str, threading.Lock] = {}
+        self.pod_locks = KeyedLocks()
         self._sandboxes = {sb.id: sb for sb in map(SandboxRecord.from_dict,
                                                    store.all("sandboxes"))}
         self._containers = {c.id: c for c in map(ContainerRecord.from_dict,
                                                  store.all("containers"))}
 
-    def pod_lock(self, sandbox_id: str) -> threading.Lock:
-        """The lock serialising mutations of one pod. Made under the memory lock, so two
-        threads asking at once get the same one; kept after removal, since a waiter may
-        still hold it (one small object per pod ever seen)."""
-        with self.lock:
-            return self._pod_locks.setdefault(sandbox_id, threading.Lock())
+    @contextmanager
+    def pod_lock(self, sandbox_id: str) -> Iterator[None]:
+        """Holds the lock serialising mutations of one pod. Two threads asking at once share
+        one; it is dropped when its last holder or waiter leaves (nothing per id is kept
+        after a pod's removal, nor for an id that names no pod)."""
+        with self.pod_locks.hold(sandbox_id):
+            yield
 
     # -- reads (memory only) --------------------------------------------------------------
 

@@ -363,3 +363,30 @@ def test_image_in_use_and_nics_resolve(env: Env) -> None:
     with pytest.raises(NotFound):
         pods.resolve_pod("nobody")
     pods.remove_sandbox(sb.id)
+
+
+def test_unknown_and_removed_ids_leave_nothing_behind(env: Env) -> None:
+    """Issue 9 item 3: each unknown id used to get a pod lock kept for ever (with the id as
+    its key), and NOT_FOUND echoed the whole id."""
+    pods = env.pods()
+    for i in range(50):
+        big = f"{i:03d}" + "x" * 100_000
+        with pytest.raises(NotFound) as e:
+            pods.create_container(big, container_input())
+        assert len(e.value.message) < 300, "the id is cut in the message"
+        pods.stop_sandbox(big)
+        pods.remove_sandbox(big)
+        with pytest.raises(NotFound) as e:
+            pods.container(big)
+        assert len(e.value.message) < 300
+        with pytest.raises(NotFound) as e:
+            pods.detach_nic(big, "eth1")
+        assert len(e.value.message) < 300
+    assert len(pods.state.pod_locks) == 0
+    sb = sandbox()
+    pods.run_sandbox(sb)
+    cid = pods.create_container(sb.id, container_input())
+    pods.start_container(cid)
+    pods.stop_sandbox(sb.id)
+    pods.remove_sandbox(sb.id)
+    assert len(pods.state.pod_locks) == 0, "a removed pod keeps no lock"
