@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..adapters import qemu_img
-from ..adapters.console_log import ConsoleLogs
+from ..adapters.console_log import ConsoleLogs, parts_below
 from ..adapters.domain_xml import render_domain
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent
 from ..adapters.seed_iso import write_seed_iso
+from ..checks import shown
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from . import designer
@@ -56,15 +57,19 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def log_file(directory: str, relative: str) -> str:
-    """The container's log file; both parts come from the kubelet and are checked."""
+def log_file(root: str, directory: str, relative: str) -> str:
+    """The container's log file; both parts come from the kubelet and are checked. It must
+    lie below `root` (the pod logs directory), where the console follower writes."""
     if not directory or not relative:
         return ""
     for what, value in (("log_directory", directory), ("log_path", relative)):
         if "\0" in value or ".." in Path(value).parts:
-            raise InvalidArgument(f"{what} {value[:100]!r} must not contain NUL or '..'")
+            raise InvalidArgument(f"{what} {shown(value)} must not contain NUL or '..'")
     if not os.path.isabs(directory) or os.path.isabs(relative):
         raise InvalidArgument("log_directory must be absolute and log_path relative to it")
+    if parts_below(Path(root), Path(directory)) is None:
+        raise InvalidArgument(f"log_directory {shown(directory)} is not below the pod logs "
+                              f"directory {root}")
     return os.path.normpath(os.path.join(directory, relative))
 
 
@@ -159,8 +164,8 @@ class Containers:
             rec = ContainerRecord(
                 id=cid, sandbox_id=sandbox_id, name=c.name, attempt=c.attempt,
                 state=CREATING, created_at=now_ns(), image=c.image, image_ref=image.id,
-                vm_dir=str(self._vm_root / cid), log_path=log_file(sb.log_directory,
-                                                                   c.log_path),
+                vm_dir=str(self._vm_root / cid),
+                log_path=log_file(self.settings.pod_logs_dir, sb.log_directory, c.log_path),
                 vcpus=vm.vcpus, memory_mib=vm.memory_mib, cpu_period=c.cpu_period,
                 cpu_quota=c.cpu_quota, memory_limit_in_bytes=c.memory_limit_in_bytes,
                 labels=c.labels, annotations=c.annotations)

@@ -47,7 +47,8 @@ class Pods:
         self.networks = networks
         vm_root.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.state = PodState(store)
-        self.console = ConsoleLogs(self.state.save_console_offsets)
+        self.console = ConsoleLogs(self.state.save_console_offsets,
+                                   Path(settings.pod_logs_dir))
         self._containers = Containers(settings, self.state, domains, images, networks,
                                       self.console, vm_root, template_dirs,
                                       self.ensure_reconciled)
