@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,8 @@ from .vmconfig import parse_vm_config
 log = logging.getLogger(__name__)
 
 STOP_AFTER_DESTROY = 10.0  # seconds to wait for libvirt's STOPPED event after destroy
+# A StopContainer timeout (int64 seconds) beyond what a thread can wait is "wait for ever".
+MAX_STOP_TIMEOUT = int(threading.TIMEOUT_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +253,7 @@ class Containers:
 
     def stop(self, cid: str, timeout: int) -> None:
         self._ensure_reconciled()
+        timeout = min(timeout, MAX_STOP_TIMEOUT)
         rec = self._state.container(cid)
         if rec is None or rec.state == CREATING:
             return  # gone: success

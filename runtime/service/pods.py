@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.libvirt_domains import Domains
-from ..checks import check_hostname, check_id
+from ..checks import check_hostname, check_id, is_hostname, shown
 from ..config import Settings
-from ..errors import FailedPrecondition, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from .containers import ContainerInput, Containers, now_ns
 from .images import ImageStore
 from .network_state import NicStatus
@@ -72,6 +72,9 @@ class Pods:
         check_id("pod uid", sb.id)
         if sb.hostname:
             check_hostname(sb.hostname)
+        elif not is_hostname(sb.name):  # the pod name becomes the guest's hostname
+            raise InvalidArgument(f"pod name {shown(sb.name)} cannot be the guest's hostname "
+                                  "(an RFC 1123 host name) and no hostname is given")
         net_config = parse_vm_config({k: v for k, v in sb.annotations.items()
                                       if k in NETWORK_ANNOTATIONS})
         with self.state.pod_lock(sb.id):

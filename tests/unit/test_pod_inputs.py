@@ -1,5 +1,6 @@
 """Hostile pod inputs on the real Pods (test:///default, as in test_pods): console logs
-confined to the pod logs directory."""
+confined to the pod logs directory, the guest's hostname checked, a StopContainer timeout
+beyond what a thread can wait."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import os
 import time
 from pathlib import Path
 
+import libvirt
 import pytest
 
 from arktos_vm_runtime.errors import InvalidArgument
-from arktos_vm_runtime.service.records import RUNNING
+from arktos_vm_runtime.service.records import EXITED, RUNNING
 from tests.unit import test_pods
-from tests.unit.test_pods import Env, container_input, sandbox, wait_for
+from tests.unit.test_pods import URI, Env, container_input, libvirt_state, sandbox, wait_for
 
 # The fixtures of test_pods, shared.
 env = test_pods.env
@@ -56,4 +58,32 @@ def test_a_symlink_planted_after_create_is_not_followed(env: Env, tmp_path: Path
     log = log_dir / "vm" / "0.log"
     wait_for(lambda: log.exists() and b"GUEST-UP" in log.read_bytes())
     assert not log.is_symlink() and list(outside.iterdir()) == []
+    pods.remove_sandbox(sb.id)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "x</name>", "a b", "-x", "x" * 254])
+def test_a_pod_name_that_would_be_a_bad_hostname_is_refused(env: Env, name: str) -> None:
+    pods = env.pods()
+    with pytest.raises(InvalidArgument, match="pod name"):
+        pods.run_sandbox(sandbox(name=name, hostname=""))
+    assert pods.sandboxes() == [] and ("setup", "") not in {
+        (c, "") for c, _ in env.networks.calls}
+    # with a good hostname, the name is not what the guest is called
+    assert pods.run_sandbox(sandbox(name="vm-pod", hostname="")) != ""
+
+
+def test_a_stop_timeout_beyond_timeout_max_is_capped(env: Env,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The test driver has no ACPI (shutdown flags): its plain shutdown powers off at once.
+    monkeypatch.setattr(env.domains, "shutdown",
+                        lambda cid: libvirt.open(URI).lookupByUUIDString(cid).shutdown())
+    pods = env.pods()
+    sb = sandbox()
+    pods.run_sandbox(sb)
+    cid = pods.create_container(sb.id, container_input())
+    pods.start_container(cid)
+    pods.stop_container(cid, 2**63 - 1)  # CRI's int64 maximum: waits, never OverflowError
+    c = pods.container(cid)
+    assert (c.state, c.exit_code) == (EXITED, 0)
+    assert libvirt_state(cid) == libvirt.VIR_DOMAIN_SHUTOFF
     pods.remove_sandbox(sb.id)
