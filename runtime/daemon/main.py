@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0
 PROBE_INTERVAL = 5.0
+
+
+def qemu_is_another_user(libvirt_uri: str) -> bool:
+    """qemu:///system runs QEMU as libvirt-qemu, which must reach the VM disks by path."""
+    u = urlsplit(libvirt_uri)
+    return u.scheme.split("+")[0] == "qemu" and u.path == "/system"
 
 
 class Daemon:
@@ -96,7 +103,8 @@ class Daemon:
                 await asyncio.wait_for(self._stop.wait(), min(interval or 1.0, 1.0))
 
     async def run(self) -> int:
-        state = StateDir(self.settings.state_dir)
+        state = StateDir(self.settings.state_dir,
+                         qemu_must_reach=qemu_is_another_user(self.settings.libvirt_uri))
         core: Core | None = None
         try:
             # Socket problems are found before anything else is set up.
