@@ -70,10 +70,11 @@ def log_file(root: str, directory: str, relative: str) -> str:
             raise InvalidArgument(f"{what} {shown(value)} must not contain NUL or '..'")
     if not os.path.isabs(directory) or os.path.isabs(relative):
         raise InvalidArgument("log_directory must be absolute and log_path relative to it")
-    if parts_below(Path(root), Path(directory)) is None:
+    path = os.path.normpath(os.path.join(directory, relative))
+    if parts_below(Path(root), Path(path)) is None:
         raise InvalidArgument(f"log_directory {shown(directory)} is not below the pod logs "
                               f"directory {root}")
-    return os.path.normpath(os.path.join(directory, relative))
+    return path
 
 
 def _not_running(rec: ContainerRecord | None) -> bool:

@@ -12,6 +12,7 @@ import libvirt
 import pytest
 
 from arktos_vm_runtime.errors import InvalidArgument
+from arktos_vm_runtime.service.containers import log_file
 from arktos_vm_runtime.service.records import EXITED, RUNNING
 from tests.unit import test_pods
 from tests.unit.test_pods import URI, Env, container_input, libvirt_state, sandbox, wait_for
@@ -87,3 +88,17 @@ def test_a_stop_timeout_beyond_timeout_max_is_capped(env: Env,
     assert (c.state, c.exit_code) == (EXITED, 0)
     assert libvirt_state(cid) == libvirt.VIR_DOMAIN_SHUTOFF
     pods.remove_sandbox(sb.id)
+
+
+def test_log_file_paths_must_lie_below_the_pod_logs_dir() -> None:
+    root = "/var/log/pods"
+    assert log_file(root, root, "vm/0.log") == "/var/log/pods/vm/0.log"
+    assert log_file(root, f"{root}/ns_p_u/", "./vm/0.log") == "/var/log/pods/ns_p_u/vm/0.log"
+    assert log_file(root, "", "vm/0.log") == "" and log_file(root, root, "") == ""
+    for directory, relative in (("/etc", "passwd"), ("/var/log/podsx", "0.log"),
+                                ("/var/log", "pods"), ("/", "etc/passwd")):
+        with pytest.raises(InvalidArgument, match=r"log_directory .* is not below"):
+            log_file(root, directory, relative)
+    for directory, relative in ((root, "../x"), (f"{root}/..", "x"), (root, "/etc/x")):
+        with pytest.raises(InvalidArgument):
+            log_file(root, directory, relative)
