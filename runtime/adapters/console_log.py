@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .fsutil import make_dirs
+
 log = logging.getLogger(__name__)
 
 POLL = 0.2
@@ -85,7 +87,8 @@ def open_below(root: Path, parts: Sequence[str]) -> int:
     """Opens root/parts... for appending, making missing directories (0755, as the kubelet
     does), without following a symlink at any component below root; only a regular file
     with one link is accepted. The root itself is the operator's and is trusted."""
-    os.makedirs(root, 0o755, exist_ok=True)
+    if not root.is_dir():
+        make_dirs(root, 0o755)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in parts[:-1]:

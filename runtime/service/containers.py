@@ -183,6 +183,7 @@ class Containers:
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
                                        net.interfaces)
                 plan.files.dir.mkdir(mode=0o711)
+                os.chmod(plan.files.dir, 0o711)  # whatever the umask: QEMU reaches its disks
                 qemu_img.create_overlay(image.path, image.format, plan.files.root_disk,
                                      plan.root_disk_bytes)
                 seed = render_seed(vm, instance_id=cid, hostname=sb.hostname or sb.name,

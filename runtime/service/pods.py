@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters.console_log import ConsoleLogs
+from ..adapters.fsutil import make_dirs
 from ..adapters.libvirt_domains import Domains
 from ..checks import check_hostname, check_id, is_hostname, shown
 from ..config import Settings
@@ -45,7 +46,7 @@ class Pods:
                  networks: PodNetworks, vm_root: Path, template_dirs: Sequence[Path]) -> None:
         self.settings = settings
         self.networks = networks
-        vm_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        make_dirs(vm_root, 0o711)  # QEMU (another user) reaches its disks by path
         self.state = PodState(store)
         self.console = ConsoleLogs(self.state.save_console_offsets,
                                    Path(settings.pod_logs_dir))
