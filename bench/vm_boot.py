@@ -37,7 +37,7 @@ def one_run(d: Daemon, image: str, kind: str, tmp: Path, i: int) -> tuple[float,
     if kind == "cloud":
         annotations["VirtletCloudInitUserData"] = (
             f"runcmd:\n  - echo {MARKERS['cloud']} > /dev/ttyS0\n")
-    log_dir = tmp / f"run{i}"
+    log_dir = d.pod_logs / f"run{i}"
     cfg = sandbox_config(pb, log_dir, annotations=annotations, name=f"bench-{i}")
     t0 = time.monotonic()
     sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60).pod_sandbox_id

@@ -28,6 +28,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="allow file:// image names")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
+    p.add_argument("--pod-logs-dir", metavar="DIR",
+                   help="console logs are written only below this directory (/var/log/pods)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 

@@ -33,6 +33,8 @@ class Settings:
     image_translations_dir: str = "/etc/arktos-vm-runtime/images"
     allow_local_images: bool = False
     template_dir: str = "/etc/arktos-vm-runtime/templates"
+    # Console logs are written only below this directory (the kubelet's podLogsDir).
+    pod_logs_dir: str = "/var/log/pods"
     default_memory_mib: int = 1024
     log_level: str = "info"
     # Seconds one libvirt health probe may take before the daemon counts libvirt as
@@ -100,8 +102,8 @@ def validate(s: Settings) -> None:
             f"socket path {s.listen} is {len(os.fsencode(s.listen))} bytes; "
             f"a unix socket path can hold at most {MAX_SOCKET_PATH}"
         )
-    if not os.path.isabs(s.listen) or not os.path.isabs(s.state_dir):
-        raise InvalidArgument("--listen and --state-dir must be absolute paths")
+    if not all(os.path.isabs(p) for p in (s.listen, s.state_dir, s.pod_logs_dir)):
+        raise InvalidArgument("--listen, --state-dir and --pod-logs-dir must be absolute paths")
     if s.image_download_protocol not in ("https", "http"):
         raise InvalidArgument(
             f"image-download-protocol {s.image_download_protocol!r}: must be https or http"

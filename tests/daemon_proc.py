@@ -75,17 +75,21 @@ class NotifyListener:
 class Daemon:
     def __init__(self, tmp: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
                  libvirt_uri: str = "test:///default", notify: bool = True,
-                 cni_dir: Path | None = None) -> None:
+                 cni_dir: Path | None = None, pod_logs: bool = True) -> None:
         self.tmp = tmp
         self.socket = str(tmp / "run" / "virtlet.sock")
         self.state_dir = str(tmp / "state")
         self.cni_dir = cni_dir or tmp / "cni"
         self.cni_dir.mkdir(exist_ok=True)
         self.log = tmp / "daemon.log"
+        # Console logs go only below this directory (the kubelet's /var/log/pods);
+        # pod_logs=False for a runtime without the setting (the previous release).
+        self.pod_logs = tmp / "pods"
         self.notify = NotifyListener(tmp / "notify.sock") if notify else None
         self.argv = [PYTHON, "-m", "arktos_vm_runtime", "serve", "--listen", self.socket,
                      "--state-dir", self.state_dir, "--libvirt-uri", libvirt_uri,
-                     "--cni-conf-dir", str(self.cni_dir), *args]
+                     "--cni-conf-dir", str(self.cni_dir),
+                     *(["--pod-logs-dir", str(self.pod_logs)] if pod_logs else []), *args]
         self.env = dict(os.environ, **(env or {}))
         if self.notify:
             self.env["NOTIFY_SOCKET"] = str(self.notify.path)

@@ -12,6 +12,11 @@ resumes from it and no console output is ever lost; after a kill -9, what was wr
 the last FLUSH_EVERY + POLL seconds (under a second) may be copied into the log twice.
 The raw file is kept open, so a rotation by virtlogd is noticed by its inode changing,
 after the old file has been read to the end.
+
+Log files are written only below one root (the kubelet's pod logs directory), opened by
+a walk from the root with O_NOFOLLOW at every component, so a symlink or a directory
+swapped for one (before or after the path was checked) is never followed: the console
+is then held back in the raw file, not written elsewhere.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from .fsutil import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +65,61 @@ def cri_lines(data: bytes, pending: bytes) -> tuple[bytes, bytes]:
     return b"".join(out), buf
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOG_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+              | os.O_NOCTTY | os.O_CLOEXEC)
+
+
+def parts_below(root: Path, path: Path) -> tuple[str, ...] | None:
+    """`path`'s components below `root` (both absolute), or None when it is not a file
+    path strictly below root."""
+    try:
+        rel = Path(os.path.normpath(path)).relative_to(os.path.normpath(root))
+    except ValueError:
+        return None
+    parts = rel.parts
+    if not parts or not os.path.isabs(path) or any(p in (".", "..") for p in parts):
+        return None
+    return parts
+
+
+def open_below(root: Path, parts: Sequence[str]) -> int:
+    """Opens root/parts... for appending, making missing directories (0755, as the kubelet
+    does), without following a symlink at any component below root; only a regular file
+    with one link is accepted. The root itself is the operator's and is trusted."""
+    if not root.is_dir():
+        make_dirs(root, 0o755)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in parts[:-1]:
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                os.fchmod(sub, 0o755)  # whatever the umask: log readers list it
+            os.close(fd)
+            fd = sub
+        out = os.open(parts[-1], _LOG_FLAGS, 0o640, dir_fd=fd)
+    finally:
+        os.close(fd)
+    st = os.fstat(out)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(out)
+        raise OSError(f"{parts[-1]} is not a regular file with one link; not written")
+    return out
+
+
 class _Follower:
-    def __init__(self, raw: Path, out: Path, offset: int) -> None:
-        self.raw, self.out, self.offset = raw, out, offset
+    def __init__(self, raw: Path, root: Path, parts: tuple[str, ...], offset: int) -> None:
+        self.raw, self.root, self.parts, self.offset = raw, root, parts, offset
         self.src: int | None = None
         self.dst: int | None = None
         self.pending = b""
         self.saved_offset = offset
         self.reopen_wanted = False
+        self.error = ""  # the last error logged, so a lasting one is logged once
 
     @property
     def safe_offset(self) -> int:
@@ -82,10 +137,6 @@ class _Follower:
             self.offset = 0
         os.lseek(self.src, self.offset, os.SEEK_SET)
 
-    def _open_dst(self) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.dst = os.open(self.out, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o640)
 
     def poll(self) -> None:
         if self.reopen_wanted and self.dst is not None:
@@ -97,11 +148,16 @@ class _Follower:
             if self.src is None:
                 return
         while data := os.read(self.src, 1 << 16):
+            records, pending = cri_lines(data, self.pending)
+            if records and self.dst is None:
+                try:
+                    self.dst = open_below(self.root, self.parts)
+                except OSError:
+                    os.lseek(self.src, self.offset, os.SEEK_SET)  # kept for the next try
+                    raise
             self.offset += len(data)
-            records, self.pending = cri_lines(data, self.pending)
+            self.pending = pending
             if records:
-                if self.dst is None:
-                    self._open_dst()
                 assert self.dst is not None
                 os.write(self.dst, records)
         # A new file at the path: virtlogd rotated it. The old one is read to its end now.
@@ -122,11 +178,13 @@ class _Follower:
 
 class ConsoleLogs:
     """Follows the raw consoles; `save_offsets({cid: offset})` persists a batch of offsets.
+    Log files are written only below `root`.
     With `thread=False` nothing runs by itself: `tick()` is one round (for tests)."""
 
-    def __init__(self, save_offsets: Callable[[dict[str, int]], None], *,
+    def __init__(self, save_offsets: Callable[[dict[str, int]], None], root: Path, *,
                  flush_every: float = FLUSH_EVERY, thread: bool = True) -> None:
         self._save = save_offsets
+        self.root = Path(root)
         self._flush_every = flush_every
         self._followers: dict[str, _Follower] = {}
         self._unsaved: dict[str, int] = {}
@@ -139,10 +197,18 @@ class ConsoleLogs:
                                             daemon=True)
             self._thread.start()
 
-    def follow(self, cid: str, raw: Path, out: Path, offset: int = 0) -> None:
+    def follow(self, cid: str, raw: Path, out: Path, offset: int = 0) -> bool:
+        """Copies the raw console into `out` from now on; False (logged) when `out` is not
+        below the root (a record from before the root was enforced): nothing is written."""
+        parts = parts_below(self.root, out)
+        if parts is None:
+            log.warning("console log of %s: %s is not below %s; not written", cid, out,
+                        self.root, extra={"CONTAINER_ID": cid})
+            return False
         with self._lock:
             if cid not in self._followers:
-                self._followers[cid] = _Follower(raw, out, offset)
+                self._followers[cid] = _Follower(raw, self.root, parts, offset)
+        return True
 
     def reopen(self, cid: str) -> None:
         """After the kubelet rotated the log file: write to a new file at the same path."""
@@ -191,8 +257,12 @@ class ConsoleLogs:
     def _poll_one(self, cid: str, f: _Follower) -> None:
         try:
             f.poll()
+            if f.dst is not None:
+                f.error = ""
         except OSError as e:
-            log.warning("console log of %s: %s", cid, e, extra={"CONTAINER_ID": cid})
+            if str(e) != f.error:  # polled five times a second: a lasting error logs once
+                log.warning("console log of %s: %s", cid, e, extra={"CONTAINER_ID": cid})
+                f.error = str(e)
         if f.safe_offset != f.saved_offset:
             f.saved_offset = f.safe_offset
             self._unsaved[cid] = f.safe_offset

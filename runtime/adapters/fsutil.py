@@ -24,3 +24,13 @@ def storage_error(exc: OSError, what: str) -> RuntimeError_:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return ResourceExhausted(f"no space left for {what}: {exc.strerror}")
     return Internal(f"{what} failed: {exc}")
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """mkdir -p whose new directories, and `path` itself, get exactly `mode` whatever the
+    umask (the daemon runs with 077; QEMU, another user, must traverse some of them)."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    for p in {path, *missing}:
+        os.chmod(p, mode)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from ..errors import FailedPrecondition
-from .fsutil import fsync_dir, storage_error
+from .fsutil import fsync_dir, make_dirs, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ class BlobStore:
         self.root = Path(root)
         self._blob_dir = self.root / "blobs" / "sha256"
         self._tmp_dir = self.root / "tmp"
-        for d in (self._blob_dir, self._tmp_dir):
-            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # QEMU (another user) opens the blobs as backing files: it must traverse to them.
+        for d in (self.root, self._blob_dir.parent, self._blob_dir):
+            make_dirs(d, 0o755)
+        self._tmp_dir.mkdir(mode=0o700, exist_ok=True)
         self._lock_file: IO[bytes] | None = open(self.root / ".lock", "ab")  # noqa: SIM115
         try:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

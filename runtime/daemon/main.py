@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -31,6 +33,16 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0
 PROBE_INTERVAL = 5.0
+# Whatever the caller's umask (tools/demo, a shell: 022): nothing the daemon makes is
+# readable by others unless given its mode on purpose (the directories QEMU traverses,
+# image blobs). The store holds cloud-init user-data with passwords.
+UMASK = 0o077
+
+
+def qemu_is_another_user(libvirt_uri: str) -> bool:
+    """qemu:///system runs QEMU as libvirt-qemu, which must reach the VM disks by path."""
+    u = urlsplit(libvirt_uri)
+    return u.scheme.split("+")[0] == "qemu" and u.path == "/system"
 
 
 class Daemon:
@@ -96,7 +108,9 @@ class Daemon:
                 await asyncio.wait_for(self._stop.wait(), min(interval or 1.0, 1.0))
 
     async def run(self) -> int:
-        state = StateDir(self.settings.state_dir)
+        os.umask(UMASK)
+        state = StateDir(self.settings.state_dir,
+                         qemu_must_reach=qemu_is_another_user(self.settings.libvirt_uri))
         core: Core | None = None
         try:
             # Socket problems are found before anything else is set up.

@@ -13,12 +13,13 @@ import dataclasses
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..adapters import qemu_img
-from ..adapters.console_log import ConsoleLogs
+from ..adapters.console_log import ConsoleLogs, parts_below
 from ..adapters.domain_xml import render_domain
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent
 from ..adapters.seed_iso import write_seed_iso
@@ -36,6 +37,8 @@ from .vmconfig import parse_vm_config
 log = logging.getLogger(__name__)
 
 STOP_AFTER_DESTROY = 10.0  # seconds to wait for libvirt's STOPPED event after destroy
+# A StopContainer timeout (int64 seconds) beyond what a thread can wait is "wait for ever".
+MAX_STOP_TIMEOUT = int(threading.TIMEOUT_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +60,21 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def log_file(directory: str, relative: str) -> str:
-    """The container's log file; both parts come from the kubelet and are checked."""
+def log_file(root: str, directory: str, relative: str) -> str:
+    """The container's log file; both parts come from the kubelet and are checked. It must
+    lie below `root` (the pod logs directory), where the console follower writes."""
     if not directory or not relative:
         return ""
     for what, value in (("log_directory", directory), ("log_path", relative)):
         if "\0" in value or ".." in Path(value).parts:
-            raise InvalidArgument(f"{what} {value[:100]!r} must not contain NUL or '..'")
+            raise InvalidArgument(f"{what} {shown(value)} must not contain NUL or '..'")
     if not os.path.isabs(directory) or os.path.isabs(relative):
         raise InvalidArgument("log_directory must be absolute and log_path relative to it")
-    return os.path.normpath(os.path.join(directory, relative))
+    path = os.path.normpath(os.path.join(directory, relative))
+    if parts_below(Path(root), Path(path)) is None:
+        raise InvalidArgument(f"log_directory {shown(directory)} is not below the pod logs "
+                              f"directory {root}")
+    return path
 
 
 def _not_running(rec: ContainerRecord | None) -> bool:
@@ -162,8 +170,8 @@ class Containers:
             rec = ContainerRecord(
                 id=cid, sandbox_id=sandbox_id, name=c.name, attempt=c.attempt,
                 state=CREATING, created_at=now_ns(), image=c.image, image_ref=image.id,
-                vm_dir=str(self._vm_root / cid), log_path=log_file(sb.log_directory,
-                                                                   c.log_path),
+                vm_dir=str(self._vm_root / cid),
+                log_path=log_file(self.settings.pod_logs_dir, sb.log_directory, c.log_path),
                 vcpus=vm.vcpus, memory_mib=vm.memory_mib, cpu_period=c.cpu_period,
                 cpu_quota=c.cpu_quota, memory_limit_in_bytes=c.memory_limit_in_bytes,
                 labels=c.labels, annotations=c.annotations)
@@ -177,6 +185,7 @@ class Containers:
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
                                        net.interfaces)
                 plan.files.dir.mkdir(mode=0o711)
+                os.chmod(plan.files.dir, 0o711)  # whatever the umask: QEMU reaches its disks
                 qemu_img.create_overlay(image.path, image.format, plan.files.root_disk,
                                      plan.root_disk_bytes)
                 seed = render_seed(vm, instance_id=cid, hostname=sb.hostname or sb.name,
@@ -248,6 +257,7 @@ class Containers:
 
     def stop(self, cid: str, timeout: int) -> None:
         self._ensure_reconciled()
+        timeout = min(timeout, MAX_STOP_TIMEOUT)
         rec = self._state.container(cid)
         if rec is None or rec.state == CREATING:
             return  # gone: success

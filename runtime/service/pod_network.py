@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters import cni, dhcp, libvirt_nics, netns, vmnet
+from ..adapters.fsutil import make_dirs
 from ..checks import check_id
 from ..errors import FailedPrecondition, InvalidArgument, RuntimeError_
 from .network_state import (
@@ -66,7 +67,7 @@ class PodNetworks:
         template_dirs: Sequence[Path | str] | None = None,
     ) -> None:
         self.root = Path(root)
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        make_dirs(self.root, 0o755)
         self.conf_dir = conf_dir
         self._records = NetworkRecords(store)
         self._wiring = PodWiring(self.root, self._records, cni.CNI(bin_dirs, cni_timeout))

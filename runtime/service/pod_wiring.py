@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters import cni, dhcp, netns, vmnet
+from ..adapters.fsutil import make_dirs
 from ..checks import is_search_domain
 from .guest_network import NetInterface, NetworkInfo
 from .network_state import Attachment, NetworkRecords, PodNetwork, PodState, pod_ips
@@ -64,7 +65,7 @@ class PodWiring:
 
     def restart_dhcp(self, st: PodState) -> None:
         artefacts = self.artefacts(st.sandbox_id)
-        artefacts.mkdir(mode=0o755, exist_ok=True)
+        make_dirs(artefacts, 0o755)
         dhcp.start(st.netns, artefacts, self._dhcp_hosts(st))
 
     def _dhcp_hosts(self, st: PodState) -> list[dhcp.DhcpHost]:

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..adapters.console_log import ConsoleLogs
+from ..adapters.fsutil import make_dirs
 from ..adapters.libvirt_domains import Domains
-from ..checks import check_hostname, check_id, shown
+from ..checks import check_hostname, check_id, is_hostname, shown
 from ..config import Settings
-from ..errors import FailedPrecondition, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from .containers import ContainerInput, Containers, now_ns
 from .images import ImageStore
 from .network_state import NicStatus
@@ -45,9 +46,10 @@ class Pods:
                  networks: PodNetworks, vm_root: Path, template_dirs: Sequence[Path]) -> None:
         self.settings = settings
         self.networks = networks
-        vm_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        make_dirs(vm_root, 0o711)  # QEMU (another user) reaches its disks by path
         self.state = PodState(store)
-        self.console = ConsoleLogs(self.state.save_console_offsets)
+        self.console = ConsoleLogs(self.state.save_console_offsets,
+                                   Path(settings.pod_logs_dir))
         self._containers = Containers(settings, self.state, domains, images, networks,
                                       self.console, vm_root, template_dirs,
                                       self.ensure_reconciled)
@@ -71,6 +73,9 @@ class Pods:
         check_id("pod uid", sb.id)
         if sb.hostname:
             check_hostname(sb.hostname)
+        elif not is_hostname(sb.name):  # the pod name becomes the guest's hostname
+            raise InvalidArgument(f"pod name {shown(sb.name)} cannot be the guest's hostname "
+                                  "(an RFC 1123 host name) and no hostname is given")
         net_config = parse_vm_config({k: v for k, v in sb.annotations.items()
                                       if k in NETWORK_ANNOTATIONS})
         with self.state.pod_lock(sb.id):

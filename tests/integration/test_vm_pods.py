@@ -196,7 +196,7 @@ def test_a_vm_whose_qemu_dies_shows_exited_within_seconds(vm_daemon: Daemon,
                                                           short_tmp: Path) -> None:
     d = vm_daemon
     pb, _ = APIS["v1alpha2"]
-    sid, cid = _run_pod(d, served_minimal_image, short_tmp / "logs")
+    sid, cid = _run_pod(d, served_minimal_image, short_tmp / "pods")
     try:
         wait_for("QEMU's pid file", lambda: Path(f"/run/libvirt/qemu/avr-{cid}.pid").exists(),
                  30)
@@ -218,8 +218,8 @@ def test_vm_survives_kill_9_of_the_daemon_and_is_adopted(
         short_tmp: Path, served_minimal_image: str, cni_net: CniTestNet) -> None:
     d = vm_runtime(short_tmp, cni_net).start()
     pb, _ = APIS["v1alpha2"]
-    log_file = short_tmp / "logs" / "vm" / "0.log"
-    sid, cid = _run_pod(d, served_minimal_image, short_tmp / "logs")
+    log_file = short_tmp / "pods" / "vm" / "0.log"
+    sid, cid = _run_pod(d, served_minimal_image, short_tmp / "pods")
     try:
         wait_for("marker", lambda: MARKER in log_text(log_file), BOOT_TIMEOUT)
         time.sleep(1)  # past the instant between writing a line and saving its offset
@@ -266,7 +266,7 @@ def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_minimal_
         "NICs": "{broken json",
     }
     for key, value in cases.items():
-        cfg = sandbox_config(pb, short_tmp / "logs", annotations={key: value},
+        cfg = sandbox_config(pb, short_tmp / "pods", annotations={key: value},
                              name=f"bad-{key.lower()}")
         if key == "NICs":  # CNI needs it at RunPodSandbox already: that call fails
             with pytest.raises(grpc.RpcError) as e:
@@ -281,7 +281,7 @@ def test_bad_container_requests_leave_nothing(vm_daemon: Daemon, served_minimal_
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, key
         assert key in e.value.details()
         rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=30)
-    hostile = sandbox_config(pb, short_tmp / "logs", name="x</name><evil/>")
+    hostile = sandbox_config(pb, short_tmp / "pods", name="x</name><evil/>")
     hostile.metadata.uid = "../../etc"
     with pytest.raises(grpc.RpcError) as e:
         rt.RunPodSandbox(pb.RunPodSandboxRequest(config=hostile), timeout=30)

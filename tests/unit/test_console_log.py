@@ -11,6 +11,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from arktos_vm_runtime.adapters import console_log
 from arktos_vm_runtime.adapters.console_log import MAX_LINE, ConsoleLogs, cri_lines
 from arktos_vm_runtime.service.podstate import PodState
@@ -37,7 +39,7 @@ def test_cri_lines_split_long_lines_and_keep_partial() -> None:
 
 def test_offsets_are_saved_in_batches(tmp_path: Path) -> None:
     saves: list[dict[str, int]] = []
-    logs = ConsoleLogs(saves.append, flush_every=3600, thread=False)
+    logs = ConsoleLogs(saves.append, tmp_path, flush_every=3600, thread=False)
     raw, out = tmp_path / "raw", tmp_path / "out" / "0.log"
     logs.follow("c1", raw, out)
     logs.follow("c2", tmp_path / "raw2", tmp_path / "out2.log")
@@ -58,14 +60,14 @@ def test_saved_offset_excludes_a_partial_line(tmp_path: Path) -> None:
     saves: list[dict[str, int]] = []
     raw, out = tmp_path / "raw", tmp_path / "out.log"
     raw.write_bytes(b"whole\nhalf a li")
-    logs = ConsoleLogs(saves.append, thread=False)
+    logs = ConsoleLogs(saves.append, tmp_path, thread=False)
     logs.follow("c1", raw, out)
     logs.forget("c1")  # forget copies, saves and closes
     assert saves == [{"c1": 6}]
     assert _lines(out) == ["whole"]
     with raw.open("ab") as f:
         f.write(b"ne\n")
-    again = ConsoleLogs(saves.append, thread=False)  # a restart from the saved offset
+    again = ConsoleLogs(saves.append, tmp_path, thread=False)  # a restart from the saved offset
     again.follow("c1", raw, out, saves[-1]["c1"])
     again.close()
     assert _lines(out) == ["whole", "half a line"], "the partial line is not lost"
@@ -76,7 +78,7 @@ def test_interval_saves_while_running(tmp_path: Path) -> None:
     saves: list[dict[str, int]] = []
     raw = tmp_path / "raw"
     raw.write_bytes(b"x\n")
-    logs = ConsoleLogs(saves.append, flush_every=0.0, thread=False)
+    logs = ConsoleLogs(saves.append, tmp_path, flush_every=0.0, thread=False)
     logs.follow("c1", raw, tmp_path / "out.log")
     logs.tick()
     assert saves == [{"c1": 2}]
@@ -92,7 +94,7 @@ def test_failed_save_is_retried(tmp_path: Path) -> None:
 
     raw = tmp_path / "raw"
     raw.write_bytes(b"x\n")
-    logs = ConsoleLogs(save, thread=False)
+    logs = ConsoleLogs(save, tmp_path, thread=False)
     logs.follow("c1", raw, tmp_path / "out.log")
     logs.flush("c1")
     logs.flush("c1")
@@ -102,12 +104,14 @@ def test_failed_save_is_retried(tmp_path: Path) -> None:
 CHILD = """
 import sys, time
 from pathlib import Path
+
+import pytest
 from arktos_vm_runtime.adapters.console_log import ConsoleLogs
 from arktos_vm_runtime.service.podstate import PodState
 from arktos_vm_runtime.service.store import Store
 root = Path(sys.argv[1])
 state = PodState(Store(root / "state.db"))
-logs = ConsoleLogs(state.save_console_offsets)
+logs = ConsoleLogs(state.save_console_offsets, root)
 logs.follow("c1", root / "raw.log", root / "out.log", state.container("c1").console_offset)
 print("ready", flush=True)
 time.sleep(3600)
@@ -142,7 +146,7 @@ def test_kill_9_loses_nothing_and_repeats_at_most_the_last_second(tmp_path: Path
     state = PodState(Store(tmp_path / "state.db"))  # the restarted daemon
     c1 = state.container("c1")
     assert c1 is not None and 0 < c1.console_offset <= raw.stat().st_size
-    logs = ConsoleLogs(state.save_console_offsets, thread=False)
+    logs = ConsoleLogs(state.save_console_offsets, tmp_path, thread=False)
     logs.follow("c1", raw, tmp_path / "out.log", c1.console_offset)
     logs.close()
 
@@ -154,3 +158,55 @@ def test_kill_9_loses_nothing_and_repeats_at_most_the_last_second(tmp_path: Path
     assert all(killed - written[i] <= 1.0 for i in twice), (
         f"lines written more than a second before the kill were copied twice: {twice}")
     assert console_log.FLUSH_EVERY + console_log.POLL <= 1.0
+
+
+def test_only_paths_below_the_root_are_followed(tmp_path: Path) -> None:
+    logs = ConsoleLogs(lambda _b: None, tmp_path / "pods", thread=False)
+    assert not logs.follow("c1", tmp_path / "raw", Path("/etc/passwd"))
+    assert not logs.follow("c2", tmp_path / "raw", tmp_path / "pods")
+    assert not logs.follow("c3", tmp_path / "raw", tmp_path / "podsx" / "0.log")
+    assert logs.follow("c4", tmp_path / "raw", tmp_path / "pods" / "p" / "vm" / "0.log")
+
+
+@pytest.mark.parametrize("planted", ["directory", "file", "fifo", "hardlink"])
+def test_nothing_is_written_through_a_planted_link(tmp_path: Path, planted: str) -> None:
+    """A symlink (or a FIFO, or a hard link to a file elsewhere) planted where the log
+    goes is never written through; the console waits in the raw file and nothing is lost
+    once the log path is a plain file again."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "passwd"
+    victim.write_bytes(b"root:x:0:0\n")
+    root, raw = tmp_path / "pods", tmp_path / "raw"
+    vm_dir = root / "pod" / "vm"
+    vm_dir.parent.mkdir(parents=True)
+    if planted == "directory":
+        vm_dir.symlink_to(outside, target_is_directory=True)
+    else:
+        vm_dir.mkdir()
+        if planted == "file":
+            (vm_dir / "0.log").symlink_to(victim)
+        elif planted == "fifo":
+            os.mkfifo(vm_dir / "0.log")
+        else:
+            os.link(victim, vm_dir / "0.log")
+    saves: list[dict[str, int]] = []
+    logs = ConsoleLogs(saves.append, root, thread=False)
+    assert logs.follow("c1", raw, vm_dir / "0.log")
+    raw.write_bytes(b"guest line one\nguest line two\n")
+    for _ in range(3):
+        logs.tick()
+    logs.flush("c1")
+    assert victim.read_bytes() == b"root:x:0:0\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["passwd"]
+    assert saves == [], "nothing written: no offset moved"
+
+    if vm_dir.is_symlink():
+        vm_dir.unlink()
+        vm_dir.mkdir()
+    else:
+        (vm_dir / "0.log").unlink()
+    logs.tick()
+    logs.close()
+    assert _lines(vm_dir / "0.log") == ["guest line one", "guest line two"]
+    assert victim.read_bytes() == b"root:x:0:0\n"

@@ -118,7 +118,8 @@ class Env:
     made: list[Pods]
 
     def pods(self) -> Pods:
-        p = Pods(Settings(disable_kvm=True, default_memory_mib=128), self.store,
+        p = Pods(Settings(disable_kvm=True, default_memory_mib=128,
+                          pod_logs_dir=str(self.root)), self.store,
                  self.domains, self.images, self.networks, self.root / "vms",  # type: ignore[arg-type]
                  TEMPLATES)
         p.ensure_reconciled()
