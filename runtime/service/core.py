@@ -44,7 +44,7 @@ class Core:
             template_dirs=template_dirs)
         self.pods = Pods(settings, state.store, self.domains, self.images, self.networks,
                          state.root / "vms", template_dirs)
-        self.health.on_healthy(self.pods.ensure_reconciled)
+        self.health.on_healthy(self.pods.start_reconcile)
         self._pulls: dict[str, tuple[int, int | None, float]] = {}
         self._pulls_lock = threading.Lock()
 
