@@ -26,6 +26,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="YAML image name translations (/etc/arktos-vm-runtime/images)")
     p.add_argument("--allow-local-images", action="store_const", const=True,
                    help="allow file:// image names")
+    p.add_argument("--image-pull-deadline", type=float, metavar="SECONDS",
+                   help="longest time one image download may take (3600)")
+    p.add_argument("--image-pull-min-speed", type=int, metavar="BYTES",
+                   help="slowest download allowed, bytes/s over the window (10240; 0: any)")
+    p.add_argument("--image-pull-speed-window", type=float, metavar="SECONDS",
+                   help="the window the minimum speed is measured over (60)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

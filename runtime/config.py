@@ -40,6 +40,12 @@ class Settings:
     # Seconds one libvirt health probe may take before the daemon counts libvirt as
     # wedged and stops feeding the systemd watchdog.
     libvirt_probe_timeout: float = 10.0
+    # An image download fails with DEADLINE_EXCEEDED when it is not done within
+    # image_pull_deadline seconds, or when the last image_pull_speed_window seconds
+    # brought fewer than image_pull_min_speed bytes per second (0: no minimum).
+    image_pull_deadline: float = 3600.0
+    image_pull_min_speed: int = 10240
+    image_pull_speed_window: float = 60.0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,5 +114,9 @@ def validate(s: Settings) -> None:
         raise InvalidArgument(
             f"image-download-protocol {s.image_download_protocol!r}: must be https or http"
         )
+    if s.image_pull_deadline <= 0 or s.image_pull_speed_window <= 0:
+        raise InvalidArgument("image-pull-deadline and image-pull-speed-window must be positive")
+    if s.image_pull_min_speed < 0:
+        raise InvalidArgument("image-pull-min-speed must not be negative")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidArgument(f"log-level {s.log_level!r}: debug, info, warning or error")

@@ -2,9 +2,11 @@
 
 Redirects are followed only to schemes the runtime allows, and never to anything but
 http(s), so a server cannot point a pull at a local file. The caller's cancel event is
-polled between chunks, so a pull the kubelet gave up on stops within one chunk. Errors are
-the runtime's: NotFound for 404/410, Unavailable for the server's failures, DeadlineExceeded
-for a silent server, ResourceExhausted for a full local disk, Cancelled.
+polled between chunks, so a pull the kubelet gave up on stops within one chunk. Each
+download has an overall deadline and a minimum speed (pull_watch.py). Errors are the
+runtime's: NotFound for 404/410, Unavailable for the server's failures, DeadlineExceeded
+for a silent, trickling or too slow server, ResourceExhausted for a full local disk,
+Cancelled.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..errors import (
     Unavailable,
 )
 from .fsutil import storage_error
+from .pull_watch import PullLimits, PullWatch
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ class _Meter:
     name: str
     total: int | None
     progress: Progress | None
+    watch: PullWatch | None = None
     done: int = 0
     started: float = 0.0
     last: float = 0.0
@@ -108,6 +112,8 @@ class _Meter:
 
     def add(self, n: int) -> None:
         self.done += n
+        if self.watch is not None:
+            self.watch.received(self.done)
         now = time.monotonic()
         if now - self.last >= PROGRESS_INTERVAL:
             self.last = now
@@ -123,11 +129,13 @@ class _Meter:
 
 
 class Fetcher:
-    """Downloads image URLs of the allowed schemes; thread-safe (one opener, no state)."""
+    """Downloads image URLs of the allowed schemes; thread-safe (an opener per download)."""
 
-    def __init__(self, allowed_schemes: frozenset[str], timeout: float) -> None:
+    def __init__(self, allowed_schemes: frozenset[str], timeout: float,
+                 limits: PullLimits | None = None) -> None:
         self.timeout = timeout
-        self._opener = urllib.request.build_opener(_RedirectGuard(allowed_schemes))
+        self.limits = limits or PullLimits()
+        self._allowed = allowed_schemes
 
     def fetch(
         self,
@@ -141,12 +149,21 @@ class Fetcher:
         """Write the body of ``url`` to ``out``; ``name`` is the image the messages name."""
         shown = redact(url)
         log.info("image %s: downloading %s", name, shown)
-        resp = self._open(url, name, shown)
-        with resp:
-            length = resp.headers.get("Content-Length") if resp.headers else None
-            total = int(length) if length is not None and length.strip().isdigit() else None
-            meter = _Meter(name, total, progress)
-            digest = self._copy(resp, out, meter, name, shown, cancel)
+        with PullWatch(name, shown, self.limits, cancel) as watch:
+            opener = urllib.request.build_opener(_RedirectGuard(self._allowed),
+                                                 *watch.handlers())
+            try:
+                resp = self._open(opener, url, name, shown)
+                with resp:
+                    length = resp.headers.get("Content-Length") if resp.headers else None
+                    total = (int(length) if length is not None and length.strip().isdigit()
+                             else None)
+                    meter = _Meter(name, total, progress, watch)
+                    digest = self._copy(resp, out, meter, name, shown, cancel)
+            except RuntimeError_:
+                watch.raise_if_broken()  # the watch cut the connection: say why
+                raise
+            watch.raise_if_broken()  # a cut connection can look like the end of the body
         if total is not None and meter.done != total:
             raise Unavailable(
                 f"pulling image {name}: {shown} sent {meter.done} bytes but announced {total}"
@@ -154,10 +171,11 @@ class Fetcher:
         meter.finish()
         return Fetched(digest, meter.done)
 
-    def _open(self, url: str, name: str, shown: str) -> Any:
+    def _open(self, opener: urllib.request.OpenerDirector, url: str, name: str,
+              shown: str) -> Any:
         req = urllib.request.Request(url, headers={"User-Agent": "arktos-vm-runtime"})
         try:
-            return self._opener.open(req, timeout=self.timeout)
+            return opener.open(req, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code in (404, 410):

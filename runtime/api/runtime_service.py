@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -16,6 +15,7 @@ from ..service.pods import ContainerInput, now_ns
 from ..service.records import SANDBOX_READY, SandboxRecord
 from . import convert
 from .dispatch import Call
+from .pools import Kind, Pools
 
 # The kubelet checks this exact value (the CRI's own version field).
 KUBELET_API_VERSION = "0.1.0"
@@ -29,8 +29,9 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
 
 
 class RuntimeServicer:
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
+        self.pools = pools
 
     async def Version(self, request: Any, call: Call) -> Any:
         return call.pb.VersionResponse(
@@ -42,7 +43,7 @@ class RuntimeServicer:
 
     async def Status(self, request: Any, call: Call) -> Any:
         # Reading the CNI dir touches the disk: keep it off the serving loop.
-        network = await asyncio.to_thread(self.core.network_condition)
+        network = await self.pools.run(Kind.QUICK, self.core.network_condition)
         status = call.pb.RuntimeStatus(conditions=[
             _condition(call, "RuntimeReady", self.core.runtime_condition()),
             _condition(call, "NetworkReady", network),
@@ -69,15 +70,15 @@ class RuntimeServicer:
             created_at=now_ns(), hostname=cfg.hostname, log_directory=cfg.log_directory,
             runtime_handler=request.runtime_handler, labels=dict(cfg.labels),
             annotations=dict(cfg.annotations))
-        sid = await asyncio.to_thread(self.core.pods.run_sandbox, sb)
+        sid = await self.pools.run(Kind.NETWORK, self.core.pods.run_sandbox, sb)
         return call.pb.RunPodSandboxResponse(pod_sandbox_id=sid)
 
     async def StopPodSandbox(self, request: Any, call: Call) -> Any:
-        await asyncio.to_thread(self.core.pods.stop_sandbox, request.pod_sandbox_id)
+        await self.pools.run(Kind.NETWORK, self.core.pods.stop_sandbox, request.pod_sandbox_id)
         return call.pb.StopPodSandboxResponse()
 
     async def RemovePodSandbox(self, request: Any, call: Call) -> Any:
-        await asyncio.to_thread(self.core.pods.remove_sandbox, request.pod_sandbox_id)
+        await self.pools.run(Kind.NETWORK, self.core.pods.remove_sandbox, request.pod_sandbox_id)
         return call.pb.RemovePodSandboxResponse()
 
     async def PodSandboxStatus(self, request: Any, call: Call) -> Any:
@@ -108,22 +109,23 @@ class RuntimeServicer:
             cpu_period=linux.cpu_period if linux else 0,
             cpu_quota=linux.cpu_quota if linux else 0,
             memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0)
-        cid = await asyncio.to_thread(self.core.pods.create_container, request.pod_sandbox_id, c)
+        cid = await self.pools.run(Kind.LIBVIRT, self.core.pods.create_container,
+                                   request.pod_sandbox_id, c)
         return call.pb.CreateContainerResponse(container_id=cid)
 
     async def StartContainer(self, request: Any, call: Call) -> Any:
-        await asyncio.to_thread(self.core.pods.start_container, request.container_id)
+        await self.pools.run(Kind.LIBVIRT, self.core.pods.start_container, request.container_id)
         return call.pb.StartContainerResponse()
 
     async def StopContainer(self, request: Any, call: Call) -> Any:
         if request.timeout < 0:
             raise InvalidArgument("StopContainer: field timeout must not be negative")
-        await asyncio.to_thread(self.core.pods.stop_container, request.container_id,
-                                int(request.timeout))
+        await self.pools.run(Kind.LIBVIRT, self.core.pods.stop_container,
+                             request.container_id, int(request.timeout))
         return call.pb.StopContainerResponse()
 
     async def RemoveContainer(self, request: Any, call: Call) -> Any:
-        await asyncio.to_thread(self.core.pods.remove_container, request.container_id)
+        await self.pools.run(Kind.LIBVIRT, self.core.pods.remove_container, request.container_id)
         return call.pb.RemoveContainerResponse()
 
     async def ListContainers(self, request: Any, call: Call) -> Any:
@@ -150,17 +152,18 @@ class RuntimeServicer:
                        ipv6_enabled=spec.IsIpV6Enabled)
 
     async def AttachNetworkInterface(self, request: Any, call: Call) -> Any:
-        await asyncio.to_thread(self.core.pods.attach_nic, request.PodSandboxID,
-                                self._nic(request.Nic), request.Nic.VPC)
+        await self.pools.run(Kind.NETWORK, self.core.pods.attach_nic, request.PodSandboxID,
+                             self._nic(request.Nic), request.Nic.VPC)
         return call.pb.DeviceAttachDetachResponse()
 
     async def DetachNetworkInterface(self, request: Any, call: Call) -> Any:
-        await asyncio.to_thread(self.core.pods.detach_nic, request.PodSandboxID,
-                                request.Nic.Name)
+        await self.pools.run(Kind.NETWORK, self.core.pods.detach_nic, request.PodSandboxID,
+                             request.Nic.Name)
         return call.pb.DeviceAttachDetachResponse()
 
     async def ListNetworkInterfaces(self, request: Any, call: Call) -> Any:
-        nics = await asyncio.to_thread(self.core.pods.list_nics, request.PodSandboxId)
+        nics = await self.pools.run(Kind.NETWORK, self.core.pods.list_nics,
+                                    request.PodSandboxId)
         return call.pb.ListDeviceResponse(Nics=[
             convert.nic_spec(call, n) for n in nics
             if n.state == "NIC_READY" and (not request.NicName or n.name == request.NicName)])

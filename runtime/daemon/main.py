@@ -9,7 +9,6 @@ children, not ours; nothing here ever stops one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ import grpc
 from ..adapters.libvirt_conn import LibvirtConnection
 from ..api.dispatch import TRANSPORT_LIMIT, all_handlers
 from ..api.image_service import ImageServicer
+from ..api.pools import Kind, Pools
 from ..api.runtime_service import RuntimeServicer
 from ..config import Settings
 from ..errors import StartupError
@@ -28,11 +28,12 @@ from ..service.core import Core
 from ..service.statedir import StateDir
 from . import sockets
 from .notify import Notifier
+from .watchdog import BEAT_INTERVAL, Heartbeat, Watchdog
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 30.0
-PROBE_INTERVAL = 5.0
+STATUS_INTERVAL = 1.0
 # Whatever the caller's umask (tools/demo, a shell: 022): nothing the daemon makes is
 # readable by others unless given its mode on purpose (the directories QEMU traverses,
 # image blobs). The store holds cloud-init user-data with passwords.
@@ -80,38 +81,30 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def _watchdog(self, core: Core) -> None:
-        """Feeds WATCHDOG=1 from the serving loop, only while the daemon is healthy.
+    @staticmethod
+    async def _beat(heartbeat: Heartbeat) -> None:
+        """Proves to the watchdog thread that the serving loop answers; does nothing else."""
+        while True:
+            heartbeat.beat()
+            await asyncio.sleep(BEAT_INTERVAL)
 
-        If the loop is stuck this task cannot run; if libvirt is wedged, health says so.
-        """
-        usec = self.notifier.watchdog_usec
-        interval = usec / 2e6 if usec else None
-        last_status = ""
-        next_probe = 0.0
-        loop = asyncio.get_running_loop()
-        while not self._stop.is_set():
-            now = loop.time()
-            if now >= next_probe:
-                core.health.start_probe()
-                next_probe = now + PROBE_INTERVAL
-            if interval is not None:
-                if core.health.wedged():
-                    log.error("libvirt is not answering; withholding the watchdog ping")
-                else:
-                    self.notifier.watchdog()
-            status = await asyncio.to_thread(core.summary)
-            if status != last_status:
+    async def _status_line(self, core: Core, pools: Pools) -> None:
+        """Keeps systemd's STATUS= current (the summary reads the CNI dir: a quick pool)."""
+        last = ""
+        while True:
+            status = await pools.run(Kind.QUICK, core.summary)
+            if status != last:
                 self.notifier.status(status)
-                last_status = status
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), min(interval or 1.0, 1.0))
+                last = status
+            await asyncio.sleep(STATUS_INTERVAL)
 
     async def run(self) -> int:
         os.umask(UMASK)
         state = StateDir(self.settings.state_dir,
                          qemu_must_reach=qemu_is_another_user(self.settings.libvirt_uri))
         core: Core | None = None
+        pools = Pools()
+        watchdog: Watchdog | None = None
         try:
             # Socket problems are found before anything else is set up.
             inherited = sockets.inherited_socket()
@@ -125,7 +118,7 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ])
             server.add_generic_rpc_handlers(
-                all_handlers(RuntimeServicer(core), ImageServicer(core))
+                all_handlers(RuntimeServicer(core, pools), ImageServicer(core, pools))
             )
             await self._bind(server, state, inherited)
             await server.start()
@@ -138,7 +131,11 @@ class Daemon:
             log.info("arktos-vm-runtime serving on %s (state %s, libvirt %s)",
                      self.settings.listen, self.settings.state_dir, self.settings.libvirt_uri)
             self.notifier.ready(core.summary())
-            watchdog = asyncio.create_task(self._watchdog(core))
+            heartbeat = Heartbeat()
+            tasks = [asyncio.create_task(self._beat(heartbeat)),
+                     asyncio.create_task(self._status_line(core, pools))]
+            watchdog = Watchdog(self.notifier, heartbeat, core.health)
+            watchdog.start()  # it starts the libvirt probes too
             await self._stop.wait()
 
             log.info("stopping: finishing calls in flight; VMs keep running")
@@ -148,11 +145,14 @@ class Daemon:
             await server.stop(SHUTDOWN_GRACE)
             if self._relay is not None:
                 await self._relay.wait_closed(1.0)
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             return 0
         finally:
+            if watchdog is not None:
+                watchdog.stop()
+            pools.shutdown()
             if self._owned_socket is not None:
                 sockets.remove_socket(self._owned_socket)
             if core is not None:

@@ -12,6 +12,7 @@ from ..adapters import cni
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_domains import Domains
+from ..adapters.pull_watch import PullLimits
 from ..adapters.templates import default_template_dirs
 from ..config import Settings
 from .health import Condition, LibvirtHealth, cni_condition
@@ -35,6 +36,8 @@ class Core:
         self.images = ImageStore(
             state.root / "images", state.store, download_protocol=settings.image_download_protocol,
             allowed_schemes=frozenset(schemes),
+            limits=PullLimits(settings.image_pull_deadline, settings.image_pull_min_speed,
+                              settings.image_pull_speed_window),
             translations=ImageTranslator(translations_dir) if translations_dir.is_dir()
             else None)
         template_dirs = default_template_dirs(settings.template_dir)
@@ -44,7 +47,7 @@ class Core:
             template_dirs=template_dirs)
         self.pods = Pods(settings, state.store, self.domains, self.images, self.networks,
                          state.root / "vms", template_dirs)
-        self.health.on_healthy(self.pods.ensure_reconciled)
+        self.health.on_healthy(self.pods.start_reconcile)
         self._pulls: dict[str, tuple[int, int | None, float]] = {}
         self._pulls_lock = threading.Lock()
 

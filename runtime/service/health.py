@@ -53,7 +53,8 @@ class LibvirtHealth:
         self.version = ""
 
     def on_healthy(self, callback: Callable[[], None]) -> None:
-        """Runs callback in the probe thread after each successful probe."""
+        """Runs callback in the probe thread after each successful probe. It must return at
+        once and start any long work in a thread of its own (reconcile does)."""
         self._on_healthy.append(callback)
 
     @property
@@ -83,11 +84,11 @@ class LibvirtHealth:
         if new.ok != self._state.ok:
             log.log(logging.INFO if new.ok else logging.WARNING, "libvirt: %s", new.message)
         self._state = new
+        # The probe is over: what the hooks do is not libvirt hanging.
+        self._probe_started = None
         try:
             if new.ok:
                 for callback in self._on_healthy:
                     callback()
         except Exception:
             log.exception("a libvirt reconnect hook failed")
-        finally:
-            self._probe_started = None

@@ -27,6 +27,7 @@ from typing import Any
 from ..adapters import qemu_img
 from ..adapters.image_blobs import BlobStore
 from ..adapters.image_fetch import Fetcher, Progress, redact
+from ..adapters.pull_watch import PullLimits
 from ..checks import shown
 from ..errors import Cancelled, InvalidArgument, NotFound, RuntimeError_
 from .image_names import ImageName, Translator, parse_id, parse_image_name, url_for
@@ -113,7 +114,8 @@ class ImageStore:
 
     def __init__(self, root: Path, store: Store, *, download_protocol: str = "https",
                  allowed_schemes: frozenset[str] = frozenset({"https", "http"}),
-                 translations: Translator | None = None, timeout: float = 60.0) -> None:
+                 translations: Translator | None = None, timeout: float = 60.0,
+                 limits: PullLimits | None = None) -> None:
         self.root = Path(root)
         self.allowed_schemes = frozenset(s.lower() for s in allowed_schemes)
         self.download_protocol = download_protocol.lower()
@@ -127,7 +129,7 @@ class ImageStore:
         self.translations = translations
         self.timeout = timeout
         self._store = store
-        self._fetcher = Fetcher(self.allowed_schemes, timeout)
+        self._fetcher = Fetcher(self.allowed_schemes, timeout, limits)
         self._lock = threading.Lock()  # guards the swap of self._memory; never held over I/O
         self._write_lock = threading.Lock()  # serialises changes of names and blobs
         self._downloads: SharedDownloads[ImageRecord] = SharedDownloads()

@@ -57,8 +57,12 @@ class Pods:
                                       self._containers)
 
     def ensure_reconciled(self) -> None:
-        """Called before every mutation and on each healthy libvirt probe."""
+        """Called before every mutation: waits until reconciled."""
         self._reconciler.ensure()
+
+    def start_reconcile(self) -> None:
+        """Called on each healthy libvirt probe: reconciles in the background."""
+        self._reconciler.start()
 
     def reconcile(self) -> None:
         self._reconciler.reconcile()

@@ -28,15 +28,35 @@ class Reconciler:
         self._console = console
         self._containers = containers
         self._done = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while reconciling: mutations wait on it
+        self._start_lock = threading.Lock()
+        self._running = False
 
     def ensure(self) -> None:
-        """Called before every mutation and on each healthy libvirt probe."""
+        """Called before every mutation: it waits for (or runs) the reconcile."""
         if self._done:
             return
         with self._lock:
             if not self._done:
                 self.reconcile()
+
+    def start(self) -> None:
+        """Called on each healthy libvirt probe: reconciles in a thread of its own, so a slow
+        CNI DEL is never taken for a hung libvirt; returns at once."""
+        with self._start_lock:
+            if self._done or self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._background, name="reconcile", daemon=True).start()
+
+    def _background(self) -> None:
+        try:
+            self.ensure()
+        except Exception:
+            log.exception("reconcile failed; retried at the next libvirt probe or mutation")
+        finally:
+            with self._start_lock:
+                self._running = False
 
     def reconcile(self) -> None:
         doms = {d.uuid: d for d in self._domains.ours()}

@@ -20,6 +20,7 @@ from arktos_vm_runtime.api.dispatch import (
     api_modules,
 )
 from arktos_vm_runtime.api.image_service import ImageServicer
+from arktos_vm_runtime.api.pools import Pools
 from arktos_vm_runtime.api.runtime_service import RuntimeServicer
 from arktos_vm_runtime.config import Settings
 from arktos_vm_runtime.service.core import Core
@@ -47,7 +48,9 @@ def serve(tmp_path: Path, test: Callable[[Client], Awaitable[None]],
         limits = [("grpc.max_receive_message_length", TRANSPORT_LIMIT),
                   ("grpc.max_send_message_length", TRANSPORT_LIMIT)]
         server = grpc.aio.server(options=limits)  # as the daemon makes it
-        server.add_generic_rpc_handlers(all_handlers(servicer(core), ImageServicer(core)))
+        pools = Pools()
+        server.add_generic_rpc_handlers(all_handlers(servicer(core, pools),
+                                                     ImageServicer(core, pools)))
         server.add_insecure_port(sock)
         await server.start()
         try:
@@ -64,6 +67,7 @@ def serve(tmp_path: Path, test: Callable[[Client], Awaitable[None]],
                 await test(call)
         finally:
             await server.stop(None)
+            pools.shutdown()
 
     try:
         asyncio.run(main())
