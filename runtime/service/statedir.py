@@ -1,13 +1,21 @@
-"""The state directory: created and locked at start, so one daemon owns it at a time."""
+"""The state directory: created and locked at start, so one daemon owns it at a time.
+
+Its store keeps the instance id: a random id made once, written into the metadata of every
+domain this runtime defines, so two runtimes on one host (two state directories) can tell
+their domains apart. It survives restarts and upgrades with the store.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import uuid
 from pathlib import Path
 
 from ..errors import StartupError
 from .store import Store, StoreError
+
+INSTANCE_KEY = "instance_id"
 
 
 class StateDir:
@@ -34,6 +42,10 @@ class StateDir:
             self.private.mkdir(mode=0o700, exist_ok=True)
             os.chmod(self.private, 0o700)
             self.store = Store(self.root / "state.db")
+            self.instance_id = self.store.setting(INSTANCE_KEY) or ""
+            if not self.instance_id:
+                self.instance_id = uuid.uuid4().hex
+                self.store.set_setting(INSTANCE_KEY, self.instance_id)
         except (OSError, StoreError) as e:
             raise StartupError(f"state dir {root}: {e}") from e
 
