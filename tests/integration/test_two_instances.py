@@ -140,7 +140,6 @@ def test_two_instances_and_an_orphan_leave_each_other_alone(
     one = Pods(d1, served_minimal_image, short_tmp / "logs1")
     two = Pods(d2, served_minimal_image, short_tmp / "logs2")
     try:
-        assert instance_id(d1) != instance_id(d2)
         # Pod A in daemon 1, running, with a UUID of its own choosing.
         a_uuid = str(uuid.uuid4())
         a_sid, a_cfg = one.run("pod-a", a_uuid)
@@ -150,7 +149,6 @@ def test_two_instances_and_an_orphan_leave_each_other_alone(
         a_pid = qemu_pid(a_cid)
         a_xml = definition(a_cid)
         a_ns, a_tap = f"avr-{a_sid}", vmnet.tap_name(a_sid, 0)
-        assert f"<avr:instance>{instance_id(d1)}</avr:instance>" in a_xml
         orphan_xml = definition(orphan)
 
         def a_untouched() -> None:
@@ -175,6 +173,8 @@ def test_two_instances_and_an_orphan_leave_each_other_alone(
         assert not two.rt.ListContainers(pb.ListContainersRequest(), timeout=10).containers
         assert not any((Path(d2.state_dir) / "vms").iterdir())
         a_untouched()
+        assert instance_id(d1) != instance_id(d2)
+        assert f"<avr:instance>{instance_id(d1)}</avr:instance>" in a_xml
 
         # Daemon 2's own pod D gets a domain of its own, naming its own instance.
         x = str(uuid.uuid4())
