@@ -181,6 +181,11 @@ class Domains:
                     extra={"CONTAINER_ID": uuid, "POD_SANDBOX_ID": sandbox_id})
         return None
 
+    def foreign(self, uuid: str, sandbox_id: str) -> bool:
+        """Whether libvirt has a domain with this UUID that is not this instance's domain
+        of `sandbox_id` (for callers outside this class that act on it, as NIC hot-plug)."""
+        return self.known(uuid) and self._owned(uuid, sandbox_id, "using") is None
+
     def _lookup(self, uuid: str) -> libvirt.virDomain | None:
         return lookup_ours(self._conn.get(), uuid)
 

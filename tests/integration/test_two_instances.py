@@ -197,6 +197,13 @@ def test_two_instances_and_an_orphan_leave_each_other_alone(
         status = two.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=x),
                                         timeout=10).status
         assert (status.state, status.reason) == (pb.CONTAINER_EXITED, "DomainMissing")
+        with pytest.raises(grpc.RpcError) as e:  # no NIC is plugged into E's domain
+            two.rt.AttachNetworkInterface(pb.DeviceAttachDetachRequest(
+                PodSandboxID=d_sid, Nic=pb.NicSpec(Name="eth1", SubnetName="subnet-a")),
+                timeout=60)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+        assert [n.Name for n in two.rt.ListNetworkInterfaces(
+            pb.ListDeviceRequest(PodSandboxId=d_sid), timeout=10).Nics] == ["eth0"]
         two.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=x), timeout=60)
         two.remove(d_sid)
         assert definition(x) == e_xml, "daemon 2 touched daemon 1's domain"
