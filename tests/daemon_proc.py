@@ -29,6 +29,11 @@ APIS: dict[str, tuple[ModuleType, ModuleType]] = {
     "v1": (v1, v1_grpc),
 }
 PYTHON = sys.executable
+#: The state directories of every daemon this test process started: the leak checks and
+#: the cleanup after a failed test count only domains whose disks lie under one of them,
+#: so another runtime instance on the same host (another test run, a real node) is never
+#: counted or touched.
+STATE_DIRS: set[str] = set()
 
 
 class NotifyListener:
@@ -79,6 +84,7 @@ class Daemon:
         self.tmp = tmp
         self.socket = str(tmp / "run" / "virtlet.sock")
         self.state_dir = str(tmp / "state")
+        STATE_DIRS.add(self.state_dir)
         self.cni_dir = cni_dir or tmp / "cni"
         self.cni_dir.mkdir(exist_ok=True)
         self.log = tmp / "daemon.log"

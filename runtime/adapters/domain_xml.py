@@ -13,7 +13,9 @@ Templates are looked up in an operator override directory first (default
 operator can replace a template by dropping a file of the same name.
 
 The `<metadata>` element in our own namespace records the sandbox and pod the domain
-belongs to, so a restarted daemon can rebuild its memory from libvirt (`parse_metadata`).
+belongs to and the runtime instance that defined it, so a restarted daemon can rebuild its
+memory from libvirt (`parse_metadata`) and tell its domains from another instance's on the
+same host (`not_owned`).
 """
 
 from __future__ import annotations
@@ -83,9 +85,13 @@ class DomainMetadata:
     pod_namespace: str
     pod_tenant: str = ""
     attempt: int = 0
+    #: the runtime instance (its state store's random id) that defined the domain; ""
+    #: in domains defined before instances were recorded
+    instance: str = ""
 
     def __post_init__(self) -> None:
         _check_text("sandbox id", self.sandbox_id, allow_empty=False)
+        _check_text("instance id", self.instance)
         _check_text("pod name", self.pod_name)
         _check_text("pod namespace", self.pod_namespace)
         _check_text("pod tenant", self.pod_tenant)
@@ -222,4 +228,19 @@ def parse_metadata(domain_xml: str) -> DomainMetadata | None:
         pod_namespace=text("namespace"),
         pod_tenant=text("tenant"),
         attempt=int(attempt) if attempt.isdigit() else 0,
+        instance=text("instance"),
     )
+
+
+def not_owned(meta: DomainMetadata | None, instance: str, sandbox_id: str) -> str | None:
+    """Why a domain with this metadata is not the one runtime instance `instance` made
+    for its sandbox `sandbox_id`, or None when it is. A domain without an instance id was
+    defined by a version that did not record one: it is ours when it names the sandbox
+    (the caller holds that sandbox's record)."""
+    if meta is None:
+        return "it carries no metadata of ours"
+    if meta.instance and meta.instance != instance:
+        return f"it belongs to another runtime instance ({meta.instance[:40]})"
+    if meta.sandbox_id != sandbox_id:
+        return f"it belongs to pod sandbox {meta.sandbox_id[:80]}, not {sandbox_id[:80]}"
+    return None

@@ -1,9 +1,14 @@
-"""Domain operations and lifecycle events, for domains this runtime made.
+"""Domain operations and lifecycle events, for domains this runtime instance made.
 
-Every domain of ours is named PREFIX + its UUID and carries our <metadata>. Nothing here
-acts on a domain without that prefix, so domains the runtime did not create are never
-touched. libvirt errors become the runtime's error family through one function,
-`libvirt_conn.translate` (re-exported here), and nowhere else.
+Every domain of ours is named PREFIX + its UUID and carries our <metadata>, which names
+its sandbox and the runtime instance that defined it (the state store's random id). The
+operations that change a domain (start, shutdown, destroy, undefine) take the sandbox the
+caller holds a record of and act only when the domain's metadata names that sandbox and
+this instance (`domain_xml.not_owned`): another instance's domain on the same host, an
+orphan or a domain outside our prefix is left alone and logged. `define_new` defines only
+a UUID libvirt does not know, so no definition is ever replaced. libvirt errors become the
+runtime's error family through one function, `libvirt_conn.translate` (re-exported here),
+and nowhere else.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from collections.abc import Callable, Iterator
 
 import libvirt
 
-from ..errors import FailedPrecondition, Internal, NotFound, Unavailable
-from .domain_xml import DomainMetadata, parse_metadata
+from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable
+from .domain_xml import DomainMetadata, not_owned, parse_metadata
 from .libvirt_conn import LibvirtConnection, translate
 
 log = logging.getLogger(__name__)
@@ -113,8 +118,10 @@ def lookup_ours(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None
 
 
 class Domains:
-    def __init__(self, conn: LibvirtConnection) -> None:
+    def __init__(self, conn: LibvirtConnection, instance: str = "") -> None:
         self._conn = conn
+        #: this runtime instance's id, written into the metadata of every domain it defines
+        self.instance = instance
         self._listeners: list[Callable[[LifecycleEvent], None]] = []
         conn.on_open(self._subscribe)
 
@@ -157,11 +164,46 @@ class Domains:
     # `translate`; "missing" comes back as NotFound, "not in a state for that" as
     # FailedPrecondition, and the callers below decide which of those mean success.
 
+    def _owned(self, uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
+        """The domain with this UUID if it is this instance's domain of `sandbox_id`; None
+        when there is none, or (logged, not touched) when it is someone else's."""
+        try:
+            with call("reading the domain's metadata", uuid):
+                dom = self._conn.get().lookupByUUIDString(uuid)
+                name = dom.name()
+                meta = parse_metadata(dom.XMLDesc(0)) if name.startswith(PREFIX) else None
+        except NotFound:
+            return None
+        why = not_owned(meta, self.instance, sandbox_id)
+        if why is None:
+            return dom
+        log.warning("not %s domain %s: %s", what, domain_name(uuid), why,
+                    extra={"CONTAINER_ID": uuid, "POD_SANDBOX_ID": sandbox_id})
+        return None
+
+    def foreign(self, uuid: str, sandbox_id: str) -> bool:
+        """Whether libvirt has a domain with this UUID that is not this instance's domain
+        of `sandbox_id` (for callers outside this class that act on it, as NIC hot-plug)."""
+        return self.known(uuid) and self._owned(uuid, sandbox_id, "using") is None
+
     def _lookup(self, uuid: str) -> libvirt.virDomain | None:
         return lookup_ours(self._conn.get(), uuid)
 
-    def define(self, xml: str) -> None:
-        with call("defining the domain"):
+    def known(self, uuid: str) -> bool:
+        """Whether libvirt has any domain (ours or not) with this UUID."""
+        try:
+            with call("looking up the domain", uuid):
+                self._conn.get().lookupByUUIDString(uuid)
+        except NotFound:
+            return False
+        return True
+
+    def define_new(self, uuid: str, xml: str) -> None:
+        """Defines a domain whose UUID libvirt does not know yet: defineXML on a known UUID
+        would replace that domain's definition, whoever made it."""
+        if self.known(uuid):
+            raise AlreadyExists(f"libvirt already has a domain with uuid {uuid}")
+        with call("defining the domain", uuid):
             self._conn.get().defineXML(xml)
 
     def exists(self, uuid: str) -> bool:
@@ -180,31 +222,31 @@ class Domains:
         stop = _SHUTOFF_REASON.get(reason, "unknown") if name == "shutoff" else ""
         return DomainState(name, stop)
 
-    def start(self, uuid: str) -> None:
-        dom = self._lookup(uuid)
+    def start(self, uuid: str, sandbox_id: str) -> None:
+        dom = self._owned(uuid, sandbox_id, "starting")
         if dom is None:
-            raise NotFound(f"domain of container {uuid} does not exist")
+            raise NotFound(f"the domain of container {uuid} does not exist or is not ours")
         with call("starting the VM", uuid):
             if not dom.isActive():
                 dom.create()
 
-    def shutdown(self, uuid: str) -> None:
+    def shutdown(self, uuid: str, sandbox_id: str) -> None:
         """Asks the guest to power off (ACPI); returns at once."""
-        dom = self._lookup(uuid)
+        dom = self._owned(uuid, sandbox_id, "shutting down")
         # NotFound or FailedPrecondition: it stopped meanwhile.
         with contextlib.suppress(NotFound, FailedPrecondition), \
                 call("shutting down the VM", uuid):
             if dom is not None and dom.isActive():
                 dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
 
-    def destroy(self, uuid: str) -> None:
-        dom = self._lookup(uuid)
+    def destroy(self, uuid: str, sandbox_id: str) -> None:
+        dom = self._owned(uuid, sandbox_id, "stopping")
         with contextlib.suppress(NotFound, FailedPrecondition), call("stopping the VM", uuid):
             if dom is not None and dom.isActive():
                 dom.destroy()
 
-    def undefine(self, uuid: str) -> None:
-        dom = self._lookup(uuid)
+    def undefine(self, uuid: str, sandbox_id: str) -> None:
+        dom = self._owned(uuid, sandbox_id, "removing")
         if dom is None:
             return
         flags = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE

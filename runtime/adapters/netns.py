@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import Internal, InvalidArgument, NotFound
+from ..errors import AlreadyExists, Internal, InvalidArgument, NotFound
 from . import netlink, proc
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,21 @@ def where(name: str | None) -> str:
     return netlink.ROOT if name is None else f"network namespace {name}"
 
 
-def create(name: str) -> None:
-    """Creates the namespace with its loopback up; an existing one is reused."""
+def create(name: str, *, exclusive: bool = False) -> None:
+    """Creates the namespace with its loopback up; an existing one is reused, or with
+    `exclusive` refused (AlreadyExists): then it is someone else's, e.g. another runtime's
+    on the same host, and nothing of it is touched."""
+    if exclusive and exists(name):
+        raise AlreadyExists(f"network namespace {name} already exists")
     if not exists(name):
         try:
             proc.run([IP, "netns", "add", name], timeout=IP_TIMEOUT,
                      what=f"creating network namespace {name}", failure=Internal)
         except Internal:
-            if not exists(name):  # a concurrent create is fine; anything else is not
+            if not exists(name):  # another creator came first; anything else is an error
                 raise
+            if exclusive:
+                raise AlreadyExists(f"network namespace {name} already exists") from None
     with open_netlink(name) as nl:
         nl.set("lo", up=True)
 

@@ -167,6 +167,11 @@ class Containers:
             if clash is not None:
                 raise AlreadyExists(f"VM uuid {cid} is already used by pod sandbox "
                                     f"{clash.sandbox_id}")
+            if self._domains.known(cid):
+                # Another runtime's, an orphan, or anyone's: defining it would replace that
+                # domain's definition, and a rollback or a remove would undefine it.
+                raise AlreadyExists(f"VM uuid {cid} is already used by a libvirt domain "
+                                    "this runtime does not hold")
             rec = ContainerRecord(
                 id=cid, sandbox_id=sandbox_id, name=c.name, attempt=c.attempt,
                 state=CREATING, created_at=now_ns(), image=c.image, image_ref=image.id,
@@ -183,7 +188,7 @@ class Containers:
                     raise NotFound(f"image {c.image[:200]!r} was removed meanwhile")
                 net = self._networks.network(sandbox_id)
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
-                                       net.interfaces)
+                                       net.interfaces, self._domains.instance)
                 plan.files.dir.mkdir(mode=0o711)
                 os.chmod(plan.files.dir, 0o711)  # whatever the umask: QEMU reaches its disks
                 qemu_img.create_overlay(image.path, image.format, plan.files.root_disk,
@@ -192,7 +197,7 @@ class Containers:
                                    env=c.envs, network=net.network_info,
                                    template_dirs=self._templates)
                 write_seed_iso(seed, vm.cloud_init_type, plan.files.seed_iso)
-                self._domains.define(render_domain(plan.domain, self._templates))
+                self._domains.define_new(cid, render_domain(plan.domain, self._templates))
             except BaseException:
                 self.undo_create(rec)
                 raise
@@ -204,7 +209,7 @@ class Containers:
     def undo_create(self, rec: ContainerRecord) -> None:
         """Removes whatever part of a create was done; the domain was never started."""
         try:
-            self._domains.undefine(rec.id)
+            self._domains.undefine(rec.id, rec.sandbox_id)
         finally:
             shutil.rmtree(rec.vm_dir, ignore_errors=True)
             self._state.delete_container(rec.id)
@@ -239,7 +244,7 @@ class Containers:
             self.follow_console(started)
             try:
                 self._networks.before_vm_start(rec.sandbox_id)
-                self._domains.start(cid)
+                self._domains.start(cid, rec.sandbox_id)
             except BaseException:
                 undo()
                 raise
@@ -249,7 +254,7 @@ class Containers:
                 # This call started the VM but could not bridge its taps: a VM nobody can
                 # reach, that memory would call RUNNING so a retry would do nothing. Undo
                 # this start (our own, seconds old) and let the kubelet retry.
-                self._domains.destroy(cid)
+                self._domains.destroy(cid, rec.sandbox_id)
                 self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY)
                 undo()
                 raise
@@ -267,12 +272,12 @@ class Containers:
                 return
             self._state.set_container(cid, stop_requested=True)
             if timeout > 0:
-                self._domains.shutdown(cid)
+                self._domains.shutdown(cid, rec.sandbox_id)
                 if self._state.wait_until(cid, _not_running, timeout):
                     return
                 log.info("VM %s did not power off within %d s; destroying it", cid, timeout,
                          extra={"CONTAINER_ID": cid})
-            self._domains.destroy(cid)
+            self._domains.destroy(cid, rec.sandbox_id)
             if not self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY):
                 # No event came (libvirt reconnecting?): read the state directly.
                 st = self._domains.state(cid)
@@ -290,7 +295,7 @@ class Containers:
             return
         with self._state.pod_lock(rec.sandbox_id):
             self._console.forget(cid)
-            self._domains.undefine(cid)
+            self._domains.undefine(cid, rec.sandbox_id)
             shutil.rmtree(rec.vm_dir, ignore_errors=True)
             self._state.delete_container(cid)
         log.info("container %s removed", cid, extra={"CONTAINER_ID": cid})

@@ -30,7 +30,7 @@ class Core:
         self.state = state
         self.libvirt = libvirt
         self.health = LibvirtHealth(libvirt, settings.libvirt_probe_timeout)
-        self.domains = Domains(libvirt)
+        self.domains = Domains(libvirt, state.instance_id)
         translations_dir = Path(settings.image_translations_dir)
         schemes = {"https", "http"} | ({"file"} if settings.allow_local_images else set())
         self.images = ImageStore(

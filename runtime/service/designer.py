@@ -16,8 +16,9 @@ from typing import Protocol
 from ..adapters.domain_xml import DiskCache, DomainMetadata, DomainSpec, DomainType, InterfaceSpec
 from ..adapters.libvirt_domains import domain_name
 from ..config import Settings
+from ..errors import InvalidArgument
 from .records import SandboxRecord
-from .vmconfig import VMConfig
+from .vmconfig import ANN_SYSTEM_UUID, VMConfig
 
 # Container ids are name-based UUIDs of the sandbox id (the contract), in this namespace.
 ID_NAMESPACE = uuid_mod.UUID("6f1d3c1e-7a43-5b0e-9d2f-8a5c4e3b2a10")
@@ -67,12 +68,27 @@ class VmDesign:
 
 def container_id(sandbox_id: str, vm: VMConfig) -> str:
     """The pod's own SMBIOS UUID when it asks for one, else one derived from the sandbox,
-    so a repeated CreateContainer for the same sandbox names the same VM."""
-    return vm.system_uuid or str(uuid_mod.uuid5(ID_NAMESPACE, sandbox_id))
+    so a repeated CreateContainer for the same sandbox names the same VM.
+
+    The two come from id spaces that cannot meet: a derived id is a name-based SHA-1 UUID
+    (version 5, RFC 4122 variant) of the pod UID, and a pod knowing another pod's UID can
+    compute it; so a requested UUID (libvirt makes the domain UUID equal the SMBIOS one)
+    must be of any other version (random version 4 is what one generates). Otherwise a
+    pod could take the id another pod derives to and make that pod's CreateContainer
+    fail ALREADY_EXISTS.
+    """
+    if vm.system_uuid is None:
+        return str(uuid_mod.uuid5(ID_NAMESPACE, sandbox_id))
+    requested = uuid_mod.UUID(vm.system_uuid)
+    if requested.variant == uuid_mod.RFC_4122 and requested.version == 5:
+        raise InvalidArgument(
+            f"{ANN_SYSTEM_UUID} {vm.system_uuid}: a name-based (version 5) UUID is reserved "
+            "for the ids the runtime derives from pod UIDs; use a random (version 4) UUID")
+    return vm.system_uuid
 
 
 def design(pod: SandboxRecord, cid: str, vm: VMConfig, image: ImageFacts, settings: Settings,
-           vm_dir: Path, interfaces: tuple[InterfaceSpec, ...]) -> VmDesign:
+           vm_dir: Path, interfaces: tuple[InterfaceSpec, ...], instance: str = "") -> VmDesign:
     files = VmFiles(vm_dir)
     # TCG when KVM is disabled (no usable /dev/kvm); host-model CPUs only mean anything
     # under KVM, so TCG gets QEMU's default CPU.
@@ -83,7 +99,7 @@ def design(pod: SandboxRecord, cid: str, vm: VMConfig, image: ImageFacts, settin
         guest_agent_socket=files.agent_socket,
         metadata=DomainMetadata(sandbox_id=pod.id, pod_name=pod.name,
                                 pod_namespace=pod.namespace, pod_tenant=pod.tenant,
-                                attempt=pod.attempt),
+                                attempt=pod.attempt, instance=instance),
         seed_iso=files.seed_iso, domain_type=domain_type,
         cpu_model=vm.cpu_model if domain_type == "kvm" else "",
         machine=MACHINE, disk_bus=vm.disk_driver, disk_cache=DISK_CACHE,

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..adapters import cni, dhcp, libvirt_nics, netns, vmnet
 from ..adapters.fsutil import make_dirs
 from ..checks import check_id
-from ..errors import FailedPrecondition, InvalidArgument, RuntimeError_
+from ..errors import AlreadyExists, FailedPrecondition, RuntimeError_
 from .network_state import (
     ADDING,
     NETNS_PREFIX,
@@ -108,7 +108,16 @@ class PodNetworks:
             # before the first side effect: teardown finds whatever follows
             st = records.save(st.with_attachment(att))
             try:
-                netns.create(st.netns)
+                # Ours alone: a namespace of this name that exists already was not made by
+                # this runtime (every one of ours has a record, written before it is made
+                # and forgotten after it is deleted); it may be another runtime's on this
+                # host with the same sandbox id. Nothing of it is touched, not even by the
+                # undo below: CNI DEL in it would unwire that runtime's pod.
+                netns.create(st.netns, exclusive=True)
+            except AlreadyExists:
+                records.forget(sandbox_id)
+                raise
+            try:
                 result = wiring.cni.add(st.config, wiring.rt(st, att))
                 st = records.save(st.with_attachment(dataclasses.replace(att, result=result)))
                 st = dataclasses.replace(st, server_address=dhcp.server_address(
@@ -147,14 +156,13 @@ class PodNetworks:
         that fails keeps the state and raises (Unavailable/DeadlineExceeded); call again.
         """
         if self._records.get(sandbox_id) is None:  # looked up before any lock
-            try:
-                check_id("pod sandbox id", sandbox_id)
-            except InvalidArgument:
-                return  # never ours: no namespace can carry that name
+            return  # nothing of ours (see below)
         with self._records.locked(sandbox_id):
             st = self._records.get(sandbox_id)
             if st is None:
-                netns.delete(NETNS_PREFIX + sandbox_id)
+                # Nothing of ours: a namespace is made only after its record is saved and
+                # the record forgotten only once the namespace is deleted. One of this
+                # name would be someone else's (another runtime's on this host).
                 return
             self._teardown_locked(st)
         log.info("network of %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})

@@ -53,6 +53,7 @@ class Pods:
         self._containers = Containers(settings, self.state, domains, images, networks,
                                       self.console, vm_root, template_dirs,
                                       self.ensure_reconciled)
+        self._domains = domains
         self._reconciler = Reconciler(self.state, domains, networks, self.console,
                                       self._containers)
 
@@ -181,13 +182,24 @@ class Pods:
         raise NotFound(f"no pod sandbox with id or name {shown(ref)}")
 
     def _vm_of(self, sandbox_id: str) -> str | None:
+        """The UUID of the sandbox's VM, None when it has none or when the domain with that
+        UUID is not ours (the VM vanished and another runtime instance took the UUID):
+        NIC hot-plug then leaves that domain alone."""
+        cid = self._recorded_vm(sandbox_id)
+        return None if cid is None or self._domains.foreign(cid, sandbox_id) else cid
+
+    def _recorded_vm(self, sandbox_id: str) -> str | None:
         return next((c.id for c in self.state.containers_of(sandbox_id)
                      if c.state != CREATING), None)
 
     def attach_nic(self, pod: str, nic: NicInfo, vpc: str) -> None:
         sb = self.resolve_pod(pod)
         with self.state.pod_lock(sb.id):
-            self.networks.attach_nic(sb.id, self._vm_of(sb.id), nic, vpc)
+            vm = self._vm_of(sb.id)
+            if vm is None and self._recorded_vm(sb.id) is not None:
+                raise FailedPrecondition(f"the VM of pod sandbox {sb.id} is not this "
+                                         "runtime's domain any more; not plugging into it")
+            self.networks.attach_nic(sb.id, vm, nic, vpc)
 
     def detach_nic(self, pod: str, name: str) -> None:
         sb = self.resolve_pod(pod)

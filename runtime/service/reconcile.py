@@ -1,6 +1,9 @@
 """Startup reconciliation: the records brought in line with libvirt, once, when libvirt is
-first reachable. Never destroys a VM: a domain of ours without a record is logged and left
-alone; a record whose domain vanished shows the container EXITED.
+first reachable. Never destroys a VM: a domain with our prefix but no record is logged and
+left alone; a record whose domain vanished shows the container EXITED. A domain counts as
+the one a record names only when its metadata names the record's sandbox and this runtime
+instance (`domain_xml.not_owned`; a domain from before instance ids, naming the sandbox,
+is ours): another instance's domain on the same host is never taken for ours.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import threading
 from typing import Any
 
 from ..adapters.console_log import ConsoleLogs
+from ..adapters.domain_xml import not_owned
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, OurDomain, domain_name
 from .containers import Containers, now_ns
 from .pod_network import PodNetworks
@@ -59,12 +63,23 @@ class Reconciler:
                 self._running = False
 
     def reconcile(self) -> None:
+        instance = self._domains.instance
         doms = {d.uuid: d for d in self._domains.ours()}
         for rec in self._state.containers():
-            self._container(rec, doms.pop(rec.id, None))
-        for uuid in doms:
-            log.warning("domain %s has our prefix but no record here; leaving it untouched",
-                        domain_name(uuid), extra={"CONTAINER_ID": uuid})
+            dom = doms.pop(rec.id, None)
+            why = None if dom is None else not_owned(dom.metadata, instance, rec.sandbox_id)
+            if why is not None:
+                log.warning("domain %s is not the VM of record %s (%s); leaving it untouched",
+                            domain_name(rec.id), rec.id, why, extra={"CONTAINER_ID": rec.id})
+                dom = None
+            self._container(rec, dom)
+        for uuid, dom in doms.items():
+            other = dom.metadata is not None and dom.metadata.instance not in ("", instance)
+            if other:
+                log.debug("domain %s belongs to another runtime instance", domain_name(uuid))
+            else:
+                log.warning("domain %s has our prefix but no record here; leaving it "
+                            "untouched", domain_name(uuid), extra={"CONTAINER_ID": uuid})
         # A network without a sandbox record: a RunPodSandbox whose CNI ADD failed and whose
         # undo (CNI DEL) failed too. No RPC names it any more; its DEL releases the address.
         known = {sb.id for sb in self._state.sandboxes()}

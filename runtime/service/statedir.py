@@ -6,6 +6,10 @@ it must be the daemon user's, not a symlink, and not writable by group or others
 runs as another user (libvirt-qemu under qemu:///system) and opens the VM disks by path,
 so every directory down to it must let others traverse (x); a state directory QEMU cannot
 reach is refused here, not at the first StartContainer with libvirt's permission error.
+
+Its store keeps the instance id: a random id made once, written into the metadata of every
+domain this runtime defines, so two runtimes on one host (two state directories) can tell
+their domains apart. It survives restarts and upgrades with the store.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import uuid
 from pathlib import Path
 
 from ..adapters.fsutil import make_dirs
@@ -50,6 +55,8 @@ def check_state_dir(root: Path, qemu_must_reach: bool) -> None:
                     f"state dir {root}: QEMU (another user) cannot reach the VM disks in it: "
                     f"{d} has mode {dmode:04o}, without x for others; chmod o+x {d}")
 
+INSTANCE_KEY = "instance_id"
+
 
 class StateDir:
     def __init__(self, root: str, *, qemu_must_reach: bool = False) -> None:
@@ -84,6 +91,10 @@ class StateDir:
             for name in STORE_FILES:
                 if (self.root / name).exists():
                     os.chmod(self.root / name, 0o600)
+            self.instance_id = self.store.setting(INSTANCE_KEY) or ""
+            if not self.instance_id:
+                self.instance_id = uuid.uuid4().hex
+                self.store.set_setting(INSTANCE_KEY, self.instance_id)
         except (OSError, StoreError) as e:
             raise StartupError(f"state dir {root}: {e}") from e
 

@@ -165,6 +165,35 @@ def test_setup_makes_netns_bridge_tap_and_dhcp_then_teardown_leaves_nothing(
     assert calls[1]["stdin"]["prevResult"] == calls[0]["stdin"]["prevResult"]
 
 
+def test_another_runtimes_namespace_is_never_touched(net: CniTestNet) -> None:
+    """Two runtimes on one host (two state directories) given one sandbox id: the second
+    refuses (ALREADY_EXISTS) without a CNI call, and neither its failed setup nor its
+    teardown touches the first one's namespace, links, tap or dnsmasq."""
+    first = networks(net)
+    second = PodNetworks(net.root / "state2" / "networks", Store(net.root / "state2.db"),
+                         conf_dir=str(net.conf_dir), bin_dirs=[CNI_BIN, str(PLUGINS)],
+                         template_dirs=default_template_dirs(None))
+    sid = sandbox_id()
+    ns = f"avr-{sid}"
+    pod = first.setup(sid, "tenant-a", "default", "vm-pod", parse_vm_config(ANNOTATIONS))
+    try:
+        links, tap = link_names(ns), pod.interfaces[0].target_dev
+        dnsmasq = int((first.root / sid / dhcp.PID_NAME).read_text())
+        with pytest.raises(AlreadyExists, match=f"network namespace {ns} already exists"):
+            second.setup(sid, "tenant-b", "default", "squatter", parse_vm_config({}))
+        second.teardown(sid)
+        assert second.sandbox_ids() == []
+        assert [c["CNI_COMMAND"] for c in net.calls()] == ["ADD"]
+        assert ns in netns_names() and link_names(ns) == links and "eth0" in links
+        assert tap in link_names()
+        assert dhcp.running(first.root / sid)
+        assert int((first.root / sid / dhcp.PID_NAME).read_text()) == dnsmasq
+        assert first.status(sid).ip == pod.ip
+    finally:
+        first.teardown(sid)
+    assert_nothing_left(net, sid, first)
+
+
 def test_cni_args_arrive_intact_on_add_and_on_del_after_a_restart(net: CniTestNet) -> None:
     pn = networks(net)
     sid = sandbox_id()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import re
 import subprocess
 import threading
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from arktos_vm_runtime.adapters import vmnet
 from tests.daemon_proc import Daemon
 from tests.integration.test_network_common import PLUGINS, CniTestNet
 
@@ -78,10 +80,32 @@ def domain_names() -> list[str]:
     return [n for n in r.stdout.split() if n]
 
 
+#: Every pod UID (= sandbox id) this test process handed out: the leak checks count the
+#: namespaces and taps named after these only, so another runtime instance on the same host
+#: never fails them, while every object of our own pods is still counted.
+ISSUED_UIDS: set[str] = set()
+
+
+def own_netns_names() -> set[str]:
+    """The pod namespaces on the host that belong to pods of this test process."""
+    try:
+        names = os.listdir("/run/netns")
+    except FileNotFoundError:
+        return set()
+    return {n for n in names if n.startswith("avr-") and n[4:] in ISSUED_UIDS}
+
+
+def own_taps(links: set[str]) -> set[str]:
+    """The taps among `links` derived from a sandbox id of this test process."""
+    prefixes = tuple(vmnet.tap_name(uid, 0)[:-1] for uid in ISSUED_UIDS)
+    return {n for n in links if prefixes and n.startswith(prefixes)}
+
+
 def sandbox_config(pb: Any, log_dir: Path, annotations: dict[str, str] | None = None,
                    name: str = "vm-pod") -> Any:
-    md = pb.PodSandboxMetadata(name=name, uid=str(uuid.uuid4()), namespace="default",
-                               attempt=0)
+    uid = str(uuid.uuid4())
+    ISSUED_UIDS.add(uid)
+    md = pb.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0)
     if "tenant" in pb.PodSandboxMetadata.DESCRIPTOR.fields_by_name:
         md.tenant = "tenant-a"
     return pb.PodSandboxConfig(metadata=md, hostname=name, log_directory=str(log_dir),

@@ -6,7 +6,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+import pytest
+
 from arktos_vm_runtime.config import Settings
+from arktos_vm_runtime.errors import InvalidArgument
 from arktos_vm_runtime.service import designer
 from arktos_vm_runtime.service.records import SandboxRecord
 from arktos_vm_runtime.service.vmconfig import VMConfig
@@ -49,3 +52,19 @@ def test_container_id() -> None:
     derived = designer.container_id("sb-1", VMConfig())
     assert derived == designer.container_id("sb-1", VMConfig()) != UUID
     assert uuid.UUID(derived).version == 5
+
+
+def test_a_requested_uuid_cannot_squat_a_derived_one() -> None:
+    """A pod knowing another pod's UID can compute the id it derives to; a requested
+    name-based (version 5) UUID is refused, so the two id spaces never meet."""
+    other = designer.container_id("uid-of-another-pod", VMConfig())
+    with pytest.raises(InvalidArgument, match=r"VirtletSystemUUID.*version 5"):
+        designer.container_id("sb-1", VMConfig(system_uuid=other))
+    v4 = str(uuid.uuid4())
+    assert designer.container_id("sb-1", VMConfig(system_uuid=v4)) == v4
+
+
+def test_the_domain_names_this_instance() -> None:
+    plan = designer.design(POD, UUID, VMConfig(), Image(), Settings(), Path("/v"), (),
+                           "inst-7")
+    assert plan.domain.metadata.instance == "inst-7"

@@ -349,7 +349,8 @@ def test_metadata_values_arrive_intact(
     value: str, test_conn: libvirt.virConnect, tmp_path: Path
 ) -> None:
     meta = DomainMetadata(
-        sandbox_id="sb-" + value, pod_name=value, pod_namespace=value, pod_tenant=value
+        sandbox_id="sb-" + value, pod_name=value, pod_namespace=value, pod_tenant=value,
+        instance="i-" + value,
     )
     spec = make_spec(metadata=meta)
     xml = render_domain(spec, TEMPLATES)

@@ -14,9 +14,20 @@ import pytest
 
 from arktos_vm_runtime.adapters.domain_xml import render_domain
 from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection, translate
-from arktos_vm_runtime.adapters.libvirt_domains import Domains, LifecycleEvent, domain_name
+from arktos_vm_runtime.adapters.libvirt_domains import (
+    Domains,
+    LifecycleEvent,
+    domain_name,
+    lookup_ours,
+)
 from arktos_vm_runtime.config import Settings
-from arktos_vm_runtime.errors import FailedPrecondition, Internal, NotFound, Unavailable
+from arktos_vm_runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    Unavailable,
+)
 from arktos_vm_runtime.service import designer
 from arktos_vm_runtime.service.health import LibvirtHealth
 from arktos_vm_runtime.service.records import SandboxRecord
@@ -30,25 +41,33 @@ class Image:
     virtual_size = 1 << 30
 
 
-def our_xml(cid: str) -> str:
-    pod = SandboxRecord(id="sb-1", name="p", namespace="n", uid="sb-1", tenant="t",
+INSTANCE = "inst-1"
+
+
+def our_xml(cid: str, instance: str = INSTANCE, sandbox: str = "sb-1") -> str:
+    pod = SandboxRecord(id=sandbox, name="p", namespace="n", uid=sandbox, tenant="t",
                         attempt=0, state="SANDBOX_READY", created_at=1)
     plan = designer.design(pod, cid, VMConfig(memory_mib=64), Image(),
-                           Settings(disable_kvm=True), Path("/var/lib/avr/vms") / cid, ())
+                           Settings(disable_kvm=True), Path("/var/lib/avr/vms") / cid, (),
+                           instance)
     return render_domain(plan.domain, TEMPLATES)
 
 
 @pytest.fixture
 def domains() -> Iterator[Domains]:
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    yield Domains(LibvirtConnection(URI))
+    yield Domains(LibvirtConnection(URI), INSTANCE)
 
 
 @pytest.fixture
 def cid(domains: Domains) -> Iterator[str]:
     cid = str(uuid.uuid4())
     yield cid
-    domains.undefine(cid)
+    dom = libvirt.open(URI).lookupByUUIDString(cid) if domains.known(cid) else None
+    if dom is not None:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
 
 
 def test_domain_operations_and_events(domains: Domains, cid: str) -> None:
@@ -62,43 +81,44 @@ def test_domain_operations_and_events(domains: Domains, cid: str) -> None:
 
     domains.watch(listen)
     assert domains.state(cid) is None and not domains.exists(cid)
-    domains.define(our_xml(cid))
+    domains.define_new(cid, our_xml(cid))
     assert domains.exists(cid) and domains.state(cid).state == "shutoff"  # type: ignore[union-attr]
     ours = {d.uuid: d for d in domains.ours()}
     assert ours[cid].metadata is not None and ours[cid].metadata.sandbox_id == "sb-1"
+    assert ours[cid].metadata.instance == INSTANCE
     test_uuid = libvirt.open(URI).lookupByName("test").UUIDString()
     assert test_uuid not in ours  # the driver's own domain is not ours
 
-    domains.start(cid)
-    domains.start(cid)  # already running: nothing to do
+    domains.start(cid, "sb-1")
+    domains.start(cid, "sb-1")  # already running: nothing to do
     assert domains.state(cid).state == "running"  # type: ignore[union-attr]
     assert got.wait(5) and events[0] == LifecycleEvent(cid, started=True)
     got.clear()
-    domains.destroy(cid)
-    domains.destroy(cid)  # not running: success
+    domains.destroy(cid, "sb-1")
+    domains.destroy(cid, "sb-1")  # not running: success
     st = domains.state(cid)
     assert st is not None and (st.state, st.stop_reason) == ("shutoff", "destroyed")
     assert got.wait(5)
     assert events[-1] == LifecycleEvent(cid, stopped=True, stop_reason="destroyed")
 
-    domains.undefine(cid)
-    domains.undefine(cid)  # gone: success
+    domains.undefine(cid, "sb-1")
+    domains.undefine(cid, "sb-1")  # gone: success
     assert domains.state(cid) is None
     with pytest.raises(NotFound, match="does not exist"):
-        domains.start(cid)
+        domains.start(cid, "sb-1")
 
 
 def test_errors_are_translated(domains: Domains, cid: str) -> None:
-    domains.define(our_xml(cid))
-    domains.start(cid)
+    domains.define_new(cid, our_xml(cid))
+    domains.start(cid, "sb-1")
     # The test driver has no ACPI: its refusal arrives as a runtime error, code attached.
     with pytest.raises(Unavailable, match="shutting down the VM failed") as e:
-        domains.shutdown(cid)
+        domains.shutdown(cid, "sb-1")
     assert e.value.context["uuid"] == cid
     assert e.value.context["libvirt_code"] == libvirt.VIR_ERR_INVALID_ARG
     with pytest.raises(Unavailable, match="defining the domain failed"):
-        domains.define("<domain type='qemu'><name>avr-broken")
-    domains.destroy(cid)
+        domains.define_new(str(uuid.uuid4()), "<domain type='qemu'><name>avr-broken")
+    domains.destroy(cid, "sb-1")
 
 
 def test_translate_picks_the_runtime_error() -> None:
@@ -122,10 +142,45 @@ def test_translate_picks_the_runtime_error() -> None:
 def test_a_foreign_domain_with_a_uuid_is_never_touched(domains: Domains) -> None:
     conn = libvirt.open(URI)
     foreign = conn.lookupByName("test")
-    with pytest.raises(Internal, match="not ours"):
-        domains.destroy(foreign.UUIDString())
-    assert foreign.isActive()
+    domains.destroy(foreign.UUIDString(), "sb-1")
+    domains.undefine(foreign.UUIDString(), "sb-1")
+    assert foreign.isActive() and foreign.isPersistent()
+    with pytest.raises(Internal, match="not ours"):  # the NIC adapter's lookup
+        lookup_ours(conn, foreign.UUIDString())
+    with pytest.raises(AlreadyExists, match=foreign.UUIDString()):
+        domains.define_new(foreign.UUIDString(), our_xml(foreign.UUIDString()))
+    assert conn.lookupByName("test").UUIDString() == foreign.UUIDString()
     assert domain_name("x") == "avr-x"
+
+
+def test_only_this_instances_domain_of_the_sandbox_is_touched(domains: Domains,
+                                                               cid: str) -> None:
+    """Another instance's domain (or a legacy one of another sandbox) with our prefix:
+    not started, stopped, undefined or redefined; a legacy domain (no instance id) of the
+    sandbox named is ours, as the previous version defined it."""
+    conn = libvirt.open(URI)
+    conn.defineXML(our_xml(cid, instance="other-instance"))
+    conn.lookupByUUIDString(cid).create()
+    before = conn.lookupByUUIDString(cid).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    with pytest.raises(NotFound, match="not ours"):
+        domains.start(cid, "sb-1")
+    domains.shutdown(cid, "sb-1")
+    domains.destroy(cid, "sb-1")
+    domains.undefine(cid, "sb-1")
+    with pytest.raises(AlreadyExists, match=cid):
+        domains.define_new(cid, our_xml(cid))
+    dom = conn.lookupByUUIDString(cid)
+    assert dom.isActive() and dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == before
+    dom.destroy()
+    dom.undefine()
+
+    conn.defineXML(our_xml(cid, instance=""))  # as the previous version defined it
+    assert "instance" not in conn.lookupByUUIDString(cid).XMLDesc(0)
+    domains.undefine(cid, "sb-other")  # names another sandbox: not this record's VM
+    assert domains.known(cid)
+    domains.start(cid, "sb-1")
+    domains.undefine(cid, "sb-1")
+    assert not domains.known(cid)
 
 
 def test_connection_errors_are_translated() -> None:

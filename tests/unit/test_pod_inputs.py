@@ -76,8 +76,9 @@ def test_a_pod_name_that_would_be_a_bad_hostname_is_refused(env: Env, name: str)
 def test_a_stop_timeout_beyond_timeout_max_is_capped(env: Env,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # The test driver has no ACPI (shutdown flags): its plain shutdown powers off at once.
-    monkeypatch.setattr(env.domains, "shutdown",
-                        lambda cid: libvirt.open(URI).lookupByUUIDString(cid).shutdown())
+    monkeypatch.setattr(
+        env.domains, "shutdown",
+        lambda cid, _sandbox_id: libvirt.open(URI).lookupByUUIDString(cid).shutdown())
     pods = env.pods()
     sb = sandbox()
     pods.run_sandbox(sb)

@@ -21,7 +21,12 @@ import pytest
 from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection
 from arktos_vm_runtime.adapters.libvirt_domains import Domains, domain_name
 from arktos_vm_runtime.config import Settings
-from arktos_vm_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from arktos_vm_runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from arktos_vm_runtime.service import designer
 from arktos_vm_runtime.service.pods import ContainerInput, Pods, now_ns
 from arktos_vm_runtime.service.records import (
@@ -130,7 +135,7 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path, base_image: Path) -> Iterator[Env]:
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    e = Env(tmp_path, Store(tmp_path / "state.db"), Domains(LibvirtConnection(URI)),
+    e = Env(tmp_path, Store(tmp_path / "state.db"), Domains(LibvirtConnection(URI), "inst-1"),
             FakeNetworks(), FakeImages(base_image), [])
     yield e
     for p in e.made:
@@ -391,3 +396,50 @@ def test_unknown_and_removed_ids_leave_nothing_behind(env: Env) -> None:
     pods.stop_sandbox(sb.id)
     pods.remove_sandbox(sb.id)
     assert len(pods.state.pod_locks) == 0, "a removed pod keeps no lock"
+
+
+def test_another_instances_domain_is_left_alone(env: Env, tmp_path: Path) -> None:
+    """A second runtime instance (its own store and instance id, the same libvirt) asked
+    for the first one's VM UUID is refused before any side effect; holding a record of
+    that UUID (for the same sandbox id even), its reconcile sees the domain as missing and
+    its remove leaves it defined and running."""
+    pods = env.pods()
+    sb = sandbox()
+    pods.run_sandbox(sb)
+    a = str(uuid.uuid4())
+    cid = pods.create_container(sb.id, container_input(
+        sandbox_annotations={"VirtletSystemUUID": a}))
+    assert cid == a
+    pods.start_container(cid)
+    conn = libvirt.open(URI)
+    xml = conn.lookupByUUIDString(cid).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    assert "<avr:instance>inst-1</avr:instance>" in xml
+
+    (tmp_path / "two").mkdir()
+    store2 = Store(tmp_path / "two" / "state.db")
+    other = Env(tmp_path / "two", store2, Domains(LibvirtConnection(URI), "inst-2"),
+                env.networks, env.images, env.made)
+    pods2 = other.pods()
+    sb2 = sandbox()
+    pods2.run_sandbox(sb2)
+    with pytest.raises(AlreadyExists, match=cid):
+        pods2.create_container(sb2.id, container_input(
+            sandbox_annotations={"VirtletSystemUUID": cid}))
+    assert store2.all("containers") == [] and not any((other.root / "vms").iterdir())
+    # A record naming A's UUID and A's own sandbox id, as a store copied from instance 1
+    # would hold: the instance ids differ, so the domain is not this record's VM.
+    store2.put("sandboxes", sb.id, sb.to_dict())
+    store2.put("containers", cid, dataclasses.replace(pods.container(cid),
+               vm_dir=str(other.root / "vms" / cid)).to_dict(), sandbox_id=sb.id)
+    pods2 = other.pods()  # reconciles
+    c = pods2.container(cid)
+    assert (c.state, c.reason) == (EXITED, "DomainMissing")
+    pods2.stop_container(cid, 0)
+    pods2.remove_sandbox(sb.id)
+    pods2.remove_sandbox(sb2.id)
+    dom = conn.lookupByUUIDString(cid)
+    assert dom.isActive() and dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == xml
+    assert pods.container(cid).state == RUNNING
+    pods.remove_sandbox(sb.id)
+    assert libvirt_state(cid) is None
+    store2.close()
