@@ -137,8 +137,8 @@ def test_two_instances_and_an_orphan_leave_each_other_alone(
     (short_tmp / "two").mkdir()
     d1 = vm_runtime(short_tmp / "one", cni_net).start()
     d2 = vm_runtime(short_tmp / "two", cni_net).start()
-    one = Pods(d1, served_minimal_image, short_tmp / "logs1")
-    two = Pods(d2, served_minimal_image, short_tmp / "logs2")
+    one = Pods(d1, served_minimal_image, d1.pod_logs)
+    two = Pods(d2, served_minimal_image, d2.pod_logs)
     try:
         # Pod A in daemon 1, running, with a UUID of its own choosing.
         a_uuid = str(uuid.uuid4())
