@@ -83,9 +83,14 @@ def assert_nothing_left(net: CniTestNet, sid: str, pn: PodNetworks) -> None:
     assert f"avr-{sid}" not in netns_names()
     tap_prefix = vmnet.tap_name(sid, 0)[:-1]
     assert not [name for name in link_names() if name.startswith(tap_prefix)]
-    # the bridge keeps only the probe's port: the pod's veth is gone
-    ports = {link["ifname"] for link in ipj("link", "show", "master", net.bridge)}
-    assert ports == {f"avrpv{net.tag}"}
+    # the bridge keeps only the probe's port: the pod's veth is gone. The kernel destroys a
+    # deleted namespace's veth pairs asynchronously, so give it a few seconds.
+    def ports() -> set[str]:
+        return {link["ifname"] for link in ipj("link", "show", "master", net.bridge)}
+    deadline = time.monotonic() + 10
+    while ports() != {f"avrpv{net.tag}"} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ports() == {f"avrpv{net.tag}"}
     assert net.ip_files() == []
     assert not (pn.root / sid).exists()
     assert sid not in pn.sandbox_ids()
