@@ -111,6 +111,14 @@ def open_below(root: Path, parts: Sequence[str]) -> int:
     return out
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked (a signal, a nearly full disk): a record is
+    never left cut in the middle by a short write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class _Follower:
     def __init__(self, raw: Path, root: Path, parts: tuple[str, ...], offset: int) -> None:
         self.raw, self.root, self.parts, self.offset = raw, root, parts, offset
@@ -155,11 +163,15 @@ class _Follower:
                 except OSError:
                     os.lseek(self.src, self.offset, os.SEEK_SET)  # kept for the next try
                     raise
-            self.offset += len(data)
-            self.pending = pending
             if records:
                 assert self.dst is not None
-                os.write(self.dst, records)
+                try:
+                    _write_all(self.dst, records)
+                except OSError:
+                    os.lseek(self.src, self.offset, os.SEEK_SET)  # read again next time
+                    raise
+            self.offset += len(data)
+            self.pending = pending
         # A new file at the path: virtlogd rotated it. The old one is read to its end now.
         try:
             if os.stat(self.raw).st_ino != os.fstat(self.src).st_ino:

@@ -19,7 +19,7 @@ from tests.daemon_proc import APIS
 from tests.guest.images import cloud_guest_image
 from tests.integration.test_network_common import CniTestNet, cni_test_network
 from tests.integration.vmpods import (
-    CRI_LINE,
+    bad_cri_records,
     container_config,
     cri_records,
     domain_names,
@@ -82,7 +82,7 @@ def _scenario(short_tmp: Path, served_cloud_image: str, api: str, net: CniTestNe
                  lambda: any(line.endswith(f"stdout F {marker}")
                              for line in cri_records(log_text(log_file))),
                  CLOUD_INIT_TIMEOUT, every=1)
-        assert all(CRI_LINE.match(x) for x in cri_records(log_text(log_file)))
+        assert not (bad := bad_cri_records(log_text(log_file))), bad[:5]
         # cloud-init applied the static network-config: the guest answers on its CNI address.
         ip = rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=sid),
                                  timeout=10).status.network.ip

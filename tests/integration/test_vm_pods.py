@@ -17,7 +17,7 @@ import pytest
 from tests.daemon_proc import APIS, Daemon
 from tests.integration.test_network_common import CniTestNet
 from tests.integration.vmpods import (
-    CRI_LINE,
+    bad_cri_records,
     container_config,
     cri_records,
     domain_names,
@@ -105,8 +105,8 @@ def test_vm_pod_lifecycle(vm_daemon: Daemon, served_minimal_image: str, api: str
     log_file = log_dir / "vm" / "0.log"
     wait_for("the guest's marker in the pod log",
              lambda: MARKER in log_text(log_file), BOOT_TIMEOUT)
-    lines = cri_records(log_text(log_file))
-    assert lines and all(CRI_LINE.match(line) for line in lines), lines[:5]
+    assert cri_records(log_text(log_file)), "complete records in the log"
+    assert not (bad := bad_cri_records(log_text(log_file))), bad[:5]
     status = _state(d, api, cid)
     assert status.state == pb.CONTAINER_RUNNING and status.started_at > status.created_at
     assert status.log_path == str(log_file)

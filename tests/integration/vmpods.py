@@ -69,9 +69,16 @@ def log_text(path: Path) -> str:
 
 
 def cri_records(text: str) -> list[str]:
-    """A CRI log's records: split on '\n' only, as the kubelet reads them. A record may hold
-    a lone '\r' (a boot spinner redrawing its line), which str.splitlines() would cut."""
-    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    """A CRI log's complete records: split on '\n' only, as the kubelet reads them. A record
+    may hold a lone '\r' (a boot spinner redrawing its line), which str.splitlines() would
+    cut. Text after the last '\n' is a record still being written while the VM prints (a
+    reader can see part of a write in progress); like the kubelet, leave it for later."""
+    return text.split("\n")[:-1]
+
+
+def bad_cri_records(text: str) -> list[str]:
+    """The complete records not in the CRI format, for an assertion's message."""
+    return [r for r in cri_records(text) if not CRI_LINE.match(r)]
 
 
 def domain_names() -> list[str]:
