@@ -122,9 +122,9 @@ class Env:
     images: FakeImages
     made: list[Pods]
 
-    def pods(self) -> Pods:
-        p = Pods(Settings(disable_kvm=True, default_memory_mib=128,
-                          pod_logs_dir=str(self.root)), self.store,
+    def pods(self, **settings: Any) -> Pods:
+        p = Pods(Settings(**{"disable_kvm": True, "default_memory_mib": 128,
+                             "pod_logs_dir": str(self.root), **settings}), self.store,
                  self.domains, self.images, self.networks, self.root / "vms",  # type: ignore[arg-type]
                  TEMPLATES)
         p.ensure_reconciled()
