@@ -130,7 +130,8 @@ class Pods:
     def stop_sandbox(self, sandbox_id: str) -> None:
         if self.state.sandbox(sandbox_id) is None:
             return  # already gone: success, as the CRI requires
-        self.ensure_reconciled()
+        if self.state.containers_of(sandbox_id):
+            self.ensure_reconciled()  # as the container calls do
         with self.state.pod_lock(sandbox_id):
             # Marked first, under the pod lock, so a Create or Start waiting for the lock
             # finds the sandbox stopped; the record is read here, never before the lock.
@@ -145,7 +146,8 @@ class Pods:
     def remove_sandbox(self, sandbox_id: str) -> None:
         if self.state.sandbox(sandbox_id) is None:
             return
-        self.ensure_reconciled()
+        if self.state.containers_of(sandbox_id):
+            self.ensure_reconciled()  # as the container calls do
         # One hold of the pod lock from the mark to the delete: a CreateContainer either
         # finished before (its VM is removed here) or finds the sandbox stopped or gone;
         # before, a VM created between the listing of the containers and the lock
