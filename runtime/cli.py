@@ -32,6 +32,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="slowest download allowed, bytes/s over the window (10240; 0: any)")
     p.add_argument("--image-pull-speed-window", type=float, metavar="SECONDS",
                    help="the window the minimum speed is measured over (60)")
+    p.add_argument("--max-pods", type=int, metavar="N",
+                   help="pod sandboxes held at once (110, the kubelet's default; 0: no limit)")
+    p.add_argument("--max-pod-vcpus", type=int, metavar="N",
+                   help="vCPUs of one pod's VM (0, the default: the host's CPUs)")
+    p.add_argument("--max-pod-memory-mib", type=int, metavar="MIB",
+                   help="memory of one pod's VM (0, the default: the host's memory)")
+    p.add_argument("--max-pod-root-volume-gib", type=int, metavar="GIB",
+                   help="root disk of one pod's VM (256; 0: no limit)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

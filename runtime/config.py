@@ -46,6 +46,13 @@ class Settings:
     image_pull_deadline: float = 3600.0
     image_pull_min_speed: int = 10240
     image_pull_speed_window: float = 60.0
+    # Quotas (service/quotas.py): pod sandboxes held at once (the kubelet's default
+    # maxPods; 0: no limit); per pod, vCPUs (0: the host's CPUs), memory in MiB (0: the
+    # host's memory) and the root disk in GiB (0: no limit).
+    max_pods: int = 110
+    max_pod_vcpus: int = 0
+    max_pod_memory_mib: int = 0
+    max_pod_root_volume_gib: int = 256
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,5 +125,8 @@ def validate(s: Settings) -> None:
         raise InvalidArgument("image-pull-deadline and image-pull-speed-window must be positive")
     if s.image_pull_min_speed < 0:
         raise InvalidArgument("image-pull-min-speed must not be negative")
+    for name in ("max_pods", "max_pod_vcpus", "max_pod_memory_mib", "max_pod_root_volume_gib"):
+        if getattr(s, name) < 0:
+            raise InvalidArgument(f"{name.replace('_', '-')} must not be negative (0: see --help)")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidArgument(f"log-level {s.log_level!r}: debug, info, warning or error")

@@ -37,6 +37,18 @@ CONF_EXTENSIONS = (".conflist", ".conf", ".json")
 DEFAULT_BIN_DIRS = ("/opt/cni/bin", "/usr/lib/cni")
 DEFAULT_TIMEOUT = 60.0
 MAX_OUTPUT = 1 << 20  # a result larger than 1 MiB is garbage
+# CNI_ARGS in UTF-8 bytes. One environment string may hold at most MAX_ARG_STRLEN (128 KiB)
+# and all of them with argv at most ARG_MAX (a quarter of the stack limit, 2 MiB by
+# default), beyond which execve fails with E2BIG ("Argument list too long", issue 9 item
+# 2). The worst case of what the API admits (api/limits: names, the NICs, VPC and cni-args
+# annotations) is about 43 KiB (tested); this refuses anything larger, before any side
+# effect (the arguments are formatted before the namespace is made).
+MAX_CNI_ARGS = 64 * 1024
+# The whole environment of a plugin (CNI_PATH and the rest are the runtime's own).
+MAX_ENVIRONMENT = 96 * 1024
+# What a plugin reads on stdin: the network configuration and prevResult (an ADD result,
+# at most MAX_OUTPUT, grown by JSON escapes); a pipe has no E2BIG, but no plugin needs more.
+MAX_STDIN = 8 << 20
 PLUGIN_PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _PLUGIN_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -95,7 +107,12 @@ def format_cni_args(pairs: Sequence[tuple[str, str]]) -> str:
             raise InvalidArgument(f"CNI argument {key}: value {problem}, which CNI_ARGS "
                                   "cannot carry")
         parts.append(f"{key}={value}")
-    return ";".join(parts)
+    text = ";".join(parts)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CNI_ARGS:
+        raise InvalidArgument(f"CNI_ARGS would be {size} bytes; at most {MAX_CNI_ARGS} "
+                              "can be passed to a CNI plugin")
+    return text
 
 
 # --- the network configuration ------------------------------------------------------------
@@ -249,9 +266,16 @@ class CNI:
             "PATH": PLUGIN_PATH_ENV,
         }
         what = f"CNI plugin {kind} {command} ({rt.ifname})"
+        stdin = json.dumps(conf).encode()
+        env_size = sum(len(k) + len(v.encode("utf-8", "surrogatepass")) + 2
+                       for k, v in env.items())
+        if env_size > MAX_ENVIRONMENT or len(stdin) > MAX_STDIN:
+            raise Unavailable(f"{what}: its environment ({env_size} bytes, at most "
+                              f"{MAX_ENVIRONMENT}) or its input ({len(stdin)} bytes, at most "
+                              f"{MAX_STDIN}) is too large", plugin=kind)
         # A plugin reports failure as JSON on stdout with a non-zero exit: read it here.
         r = proc.run([str(path)], timeout=self.timeout, what=what, env=env, check=False,
-                     input=json.dumps(conf).encode())
+                     input=stdin)
         out, stderr = r.stdout, r.err[-2000:]
         if r.returncode != 0:
             raise Unavailable(_failure(what, r.returncode, out, stderr), plugin=kind,

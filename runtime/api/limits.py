@@ -118,7 +118,9 @@ DEFAULT_LIST = Limit(PATH_MAX, count=LIST_COUNT)
 
 # Annotations whose values go into CNI_ARGS, one environment string of the CNI plugin
 # together with the pod's names: ours, far below MAX_ARG_STRLEN (a value above it made
-# the plugin fail with "Argument list too long", issue 9 item 2).
+# the plugin fail with "Argument list too long", issue 9 item 2). Counted in UTF-8 bytes,
+# as the kernel counts them: 32 Ki characters of 4 bytes each would be 128 KiB. With the
+# names above, the worst case is below adapters/cni.MAX_CNI_ARGS (tested).
 ANNOTATION_LIMITS: dict[str, int] = {
     "arktos.futurewei.com/cni-args": 8 * KIB,
     "NICs": 32 * KIB,
@@ -144,6 +146,13 @@ def _string(path: str, value: str | bytes, limit: int) -> None:
                               "characters")
 
 
+def _bytes(path: str, value: str | bytes, limit: int) -> None:
+    size = len(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value)
+    if size > limit:
+        raise InvalidArgument(f"field {path}: {shown(value)} is {size} bytes in UTF-8; at "
+                              f"most {limit} are allowed")
+
+
 def _count(path: str, n: int, limit: int) -> None:
     if n > limit:
         raise InvalidArgument(f"field {path} has {n} entries; at most {limit} are allowed")
@@ -162,6 +171,8 @@ def _map(path: str, fd: FieldDescriptor, value: Any, limit: Limit) -> None:
             continue
         if isinstance(item, (str, bytes)):
             own = ANNOTATION_LIMITS.get(key_text) if fd.name == "annotations" else None
+            if own is not None:
+                _bytes(where, item, own)
             _string(where, item, own or limit.length or PATH_MAX)
             total += len(key_text) + len(item)
     if limit.total and total > limit.total:

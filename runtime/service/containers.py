@@ -30,6 +30,7 @@ from . import designer
 from .images import ImageStore
 from .pod_network import PodNetworks
 from .podstate import PodState
+from .quotas import Quotas
 from .records import CREATED, CREATING, EXITED, RUNNING, SANDBOX_READY, ContainerRecord
 from .seed import render_seed
 from .vmconfig import parse_vm_config
@@ -85,7 +86,7 @@ class Containers:
     def __init__(self, settings: Settings, state: PodState, domains: Domains,
                  images: ImageStore, networks: PodNetworks, console: ConsoleLogs,
                  vm_root: Path, template_dirs: Sequence[Path],
-                 ensure_reconciled: Callable[[], None]) -> None:
+                 ensure_reconciled: Callable[[], None], quotas: Quotas) -> None:
         self.settings = settings
         self._state = state
         self._domains = domains
@@ -95,6 +96,7 @@ class Containers:
         self._vm_root = vm_root
         self._templates = list(template_dirs)
         self._ensure_reconciled = ensure_reconciled
+        self._quotas = quotas
         domains.watch(self._on_event)
 
     # -- reads ----------------------------------------------------------------------------
@@ -162,6 +164,10 @@ class Containers:
             image = self._images.status(c.image)
             if image is None:
                 raise NotFound(f"image {c.image[:200]!r} is not pulled")
+            self._quotas.check_vm(
+                vm, annotations, "the container's memory limit" if c.memory_limit_in_bytes > 0
+                else f"the default memory (setting default-memory-mib = "
+                f"{self.settings.default_memory_mib})", image.virtual_size)
             cid = designer.container_id(sandbox_id, vm)
             clash = self._state.container(cid)
             if clash is not None:
@@ -262,31 +268,38 @@ class Containers:
 
     def stop(self, cid: str, timeout: int) -> None:
         self._ensure_reconciled()
-        timeout = min(timeout, MAX_STOP_TIMEOUT)
         rec = self._state.container(cid)
         if rec is None or rec.state == CREATING:
             return  # gone: success
         with self._state.pod_lock(rec.sandbox_id):
-            rec = self._state.container(cid)
-            if rec is None or rec.state != RUNNING:
-                return
-            self._state.set_container(cid, stop_requested=True)
-            if timeout > 0:
-                self._domains.shutdown(cid, rec.sandbox_id)
-                if self._state.wait_until(cid, _not_running, timeout):
-                    return
-                log.info("VM %s did not power off within %d s; destroying it", cid, timeout,
-                         extra={"CONTAINER_ID": cid})
-            self._domains.destroy(cid, rec.sandbox_id)
-            if not self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY):
-                # No event came (libvirt reconnecting?): read the state directly.
-                st = self._domains.state(cid)
-                if st is None or st.state == "shutoff":
-                    self._state.change_container(cid, lambda r: dataclasses.replace(
-                        r, state=EXITED, finished_at=now_ns(), exit_code=137,
-                        reason="Killed", message="VM destroyed") if r.state == RUNNING
-                        else None)
+            self.stop_locked(cid, timeout)
+        self.flush_console(cid)
+
+    def flush_console(self, cid: str) -> None:
         self._console.flush(cid)
+
+    def stop_locked(self, cid: str, timeout: int) -> None:
+        """StopContainer's work; the caller holds the container's pod lock."""
+        timeout = min(timeout, MAX_STOP_TIMEOUT)
+        rec = self._state.container(cid)
+        if rec is None or rec.state != RUNNING:
+            return
+        self._state.set_container(cid, stop_requested=True)
+        if timeout > 0:
+            self._domains.shutdown(cid, rec.sandbox_id)
+            if self._state.wait_until(cid, _not_running, timeout):
+                return
+            log.info("VM %s did not power off within %d s; destroying it", cid, timeout,
+                     extra={"CONTAINER_ID": cid})
+        self._domains.destroy(cid, rec.sandbox_id)
+        if not self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY):
+            # No event came (libvirt reconnecting?): read the state directly.
+            st = self._domains.state(cid)
+            if st is None or st.state == "shutoff":
+                self._state.change_container(cid, lambda r: dataclasses.replace(
+                    r, state=EXITED, finished_at=now_ns(), exit_code=137,
+                    reason="Killed", message="VM destroyed") if r.state == RUNNING
+                    else None)
 
     def remove(self, cid: str) -> None:
         self._ensure_reconciled()
@@ -294,10 +307,17 @@ class Containers:
         if rec is None:
             return
         with self._state.pod_lock(rec.sandbox_id):
-            self._console.forget(cid)
-            self._domains.undefine(cid, rec.sandbox_id)
-            shutil.rmtree(rec.vm_dir, ignore_errors=True)
-            self._state.delete_container(cid)
+            self.remove_locked(cid)
+
+    def remove_locked(self, cid: str) -> None:
+        """RemoveContainer's work; the caller holds the container's pod lock."""
+        rec = self._state.container(cid)
+        if rec is None:
+            return  # removed while the caller waited for the lock
+        self._console.forget(cid)
+        self._domains.undefine(cid, rec.sandbox_id)
+        shutil.rmtree(rec.vm_dir, ignore_errors=True)
+        self._state.delete_container(cid)
         log.info("container %s removed", cid, extra={"CONTAINER_ID": cid})
 
     def reopen_log(self, cid: str) -> None:

@@ -42,3 +42,8 @@ class KeyedLocks:
         """Entries now in the table (callers holding or waiting): for tests."""
         with self._table_lock:
             return len(self._entries)
+
+    def users(self, key: str) -> int:
+        """Callers holding or waiting for `key`'s lock now: for tests."""
+        with self._table_lock:
+            return self._entries.get(key, (None, 0))[1]

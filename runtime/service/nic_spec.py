@@ -78,8 +78,11 @@ class NicInfo:
 
 
 def nics_to_json(nics: Sequence[NicInfo]) -> str:
-    """Compact JSON of the NICs for CNI_ARGS; never contains ';' or '=' (values are checked)."""
-    return json.dumps([n.to_contract_dict() for n in nics], separators=(",", ":"))
+    """Compact JSON of the NICs for CNI_ARGS; never contains ';' or '=' (values are checked).
+    Non-ASCII stays as it is (UTF-8): never longer than the annotation it was parsed from,
+    where \\u escapes would make a 4-byte character 12 bytes of CNI_ARGS."""
+    return json.dumps([n.to_contract_dict() for n in nics], separators=(",", ":"),
+                      ensure_ascii=False)
 
 
 def nic_name_problem(name: str) -> str | None:

@@ -27,6 +27,7 @@ from .network_state import NicStatus
 from .nic_spec import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo
 from .pod_network import PodNetworks
 from .podstate import PodState
+from .quotas import Quotas
 from .reconcile import Reconciler
 from .records import CREATING, SANDBOX_NOTREADY, SANDBOX_READY, ContainerRecord, SandboxRecord
 from .store import Store
@@ -41,6 +42,11 @@ __all__ = ["ContainerInput", "Pods", "now_ns"]
 NETWORK_ANNOTATIONS = (ANN_VPC, ANN_NICS, ANN_CNI_ARGS)
 
 
+def _not_ready(sb: SandboxRecord) -> SandboxRecord | None:
+    return None if sb.state == SANDBOX_NOTREADY else dataclasses.replace(
+        sb, state=SANDBOX_NOTREADY)
+
+
 class Pods:
     def __init__(self, settings: Settings, store: Store, domains: Domains, images: ImageStore,
                  networks: PodNetworks, vm_root: Path, template_dirs: Sequence[Path]) -> None:
@@ -48,11 +54,12 @@ class Pods:
         self.networks = networks
         make_dirs(vm_root, 0o711)  # QEMU (another user) reaches its disks by path
         self.state = PodState(store)
+        self.quotas = Quotas.from_settings(settings)
         self.console = ConsoleLogs(self.state.save_console_offsets,
                                    Path(settings.pod_logs_dir))
         self._containers = Containers(settings, self.state, domains, images, networks,
                                       self.console, vm_root, template_dirs,
-                                      self.ensure_reconciled)
+                                      self.ensure_reconciled, self.quotas)
         self._domains = domains
         self._reconciler = Reconciler(self.state, domains, networks, self.console,
                                       self._containers)
@@ -83,6 +90,7 @@ class Pods:
                                   "(an RFC 1123 host name) and no hostname is given")
         net_config = parse_vm_config({k: v for k, v in sb.annotations.items()
                                       if k in NETWORK_ANNOTATIONS})
+        self.quotas.check_annotations(sb.annotations)
         with self.state.pod_lock(sb.id):
             existing = self.state.sandbox(sb.id)
             if existing is not None and existing.state == SANDBOX_READY:
@@ -93,14 +101,19 @@ class Pods:
             sb = dataclasses.replace(
                 sb, state=SANDBOX_NOTREADY,  # until its network is up
                 created_at=existing.created_at if existing is not None else sb.created_at)
-            self.state.put_sandbox(sb)
+            if existing is None:
+                # the place on the node is taken here (or refused: node full)
+                self.state.add_sandbox(sb, self.quotas.admit_pod)
+            else:
+                self.state.change_sandbox(sb.id, lambda _: sb)
             try:
                 self.networks.setup(sb.id, sb.tenant, sb.namespace, sb.name, net_config)
             except BaseException:
                 if existing is None:
                     self.state.delete_sandbox(sb.id)
                 raise
-            self.state.put_sandbox(dataclasses.replace(sb, state=SANDBOX_READY))
+            self.state.change_sandbox(sb.id, lambda now: dataclasses.replace(
+                now, state=SANDBOX_READY))
         log.info("sandbox %s for pod %s/%s/%s is ready", sb.id, sb.tenant, sb.namespace,
                  sb.name, extra={"POD_SANDBOX_ID": sb.id})
         return sb.id
@@ -117,20 +130,33 @@ class Pods:
     def stop_sandbox(self, sandbox_id: str) -> None:
         if self.state.sandbox(sandbox_id) is None:
             return  # already gone: success, as the CRI requires
-        for c in self.state.containers_of(sandbox_id):
-            self.stop_container(c.id, 0)
+        if self.state.containers_of(sandbox_id):
+            self.ensure_reconciled()  # as the container calls do
         with self.state.pod_lock(sandbox_id):
-            sb = self.state.sandbox(sandbox_id)
-            if sb is not None and sb.state != SANDBOX_NOTREADY:
-                self.state.put_sandbox(dataclasses.replace(sb, state=SANDBOX_NOTREADY))
+            # Marked first, under the pod lock, so a Create or Start waiting for the lock
+            # finds the sandbox stopped; the record is read here, never before the lock.
+            if self.state.change_sandbox(sandbox_id, _not_ready) is None:
+                return  # removed meanwhile
+            for c in self.state.containers_of(sandbox_id):
+                self._containers.stop_locked(c.id, 0)
             self.networks.teardown(sandbox_id)
+        for c in self.state.containers_of(sandbox_id):
+            self._containers.flush_console(c.id)
 
     def remove_sandbox(self, sandbox_id: str) -> None:
         if self.state.sandbox(sandbox_id) is None:
             return
-        for c in self.state.containers_of(sandbox_id):
-            self.remove_container(c.id)
+        if self.state.containers_of(sandbox_id):
+            self.ensure_reconciled()  # as the container calls do
+        # One hold of the pod lock from the mark to the delete: a CreateContainer either
+        # finished before (its VM is removed here) or finds the sandbox stopped or gone;
+        # before, a VM created between the listing of the containers and the lock
+        # outlived its sandbox (issue 9 item 8).
         with self.state.pod_lock(sandbox_id):
+            if self.state.change_sandbox(sandbox_id, _not_ready) is None:
+                return
+            for c in self.state.containers_of(sandbox_id):
+                self._containers.remove_locked(c.id)
             self.networks.teardown(sandbox_id)
             self.state.delete_sandbox(sandbox_id)
         log.info("sandbox %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})

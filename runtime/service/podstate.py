@@ -10,7 +10,9 @@ in this order and never the other way round:
   RunPodSandbox, with a checked id); the lock exists only while held or awaited, so an
   unknown or removed id leaves nothing behind (keyed_locks);
 - `_write` orders the record writers, so a change is computed from the current record and
-  no writer swaps a stale record over a newer one; it covers store writes only;
+  no writer swaps a stale record over a newer one; it covers store writes only. A record
+  is inserted once (add_sandbox, put_container) and afterwards only updated: an update of
+  a deleted record writes nothing, so nothing removed comes back;
 - `lock`, the memory lock, covers dict lookups and swaps only, never I/O: a List or
   Status call never waits for a disk or for libvirt.
 """
@@ -24,11 +26,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from ..errors import AlreadyExists
 from .keyed_locks import KeyedLocks
 from .records import ContainerRecord, SandboxRecord
 from .store import Store
 
 Change = Callable[[ContainerRecord], ContainerRecord | None]
+SandboxChange = Callable[[SandboxRecord], SandboxRecord | None]
 
 
 def _row(rec: ContainerRecord) -> tuple[str, dict[str, Any], dict[str, str]]:
@@ -92,11 +96,41 @@ class PodState:
 
     # -- writes: the store first, then memory ---------------------------------------------
 
-    def put_sandbox(self, sb: SandboxRecord) -> None:
+    def add_sandbox(self, sb: SandboxRecord,
+                    admit: Callable[[int], None] | None = None) -> None:
+        """A new sandbox's record. `admit(number of sandboxes held)` raises to refuse it; it
+        is asked in the same step as the record is written, so parallel calls against K
+        free places admit exactly K (a held record is a taken place)."""
         with self._write:
+            with self.lock:
+                held = len(self._sandboxes)
+                exists = sb.id in self._sandboxes
+            if exists:
+                raise AlreadyExists(f"pod sandbox {sb.id} has a record already")
+            if admit is not None:
+                admit(held)
             self._store.put("sandboxes", sb.id, sb.to_dict())
             with self.lock:
                 self._sandboxes[sb.id] = sb
+
+    def change_sandbox(self, sandbox_id: str, change: SandboxChange) -> SandboxRecord | None:
+        """Applies change(current record) -> new record, or None for no change, as one step
+        among writers; returns the record now held, None when there is none. Updates only:
+        a removed sandbox is never written back (issue 9 item 8: a StopPodSandbox holding a
+        record read before RemovePodSandbox deleted it brought it back after a restart)."""
+        with self._write:
+            old = self.sandbox(sandbox_id)
+            if old is None:
+                return None
+            new = change(old)
+            if new is None or new == old:
+                return old
+            assert new.id == sandbox_id
+            if not self._store.update("sandboxes", sandbox_id, new.to_dict()):
+                return None  # the store and memory agree under _write; never reached
+            with self.lock:
+                self._sandboxes[sandbox_id] = new
+            return new
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         with self._write:
@@ -121,7 +155,8 @@ class PodState:
             if new is None or new == old:
                 return old
             id_, data, columns = _row(new)
-            self._store.put("containers", id_, data, **columns)
+            if not self._store.update("containers", id_, data, **columns):
+                return None  # updates only: a removed record is never written back
             self._swap([new])
             return new
 
@@ -144,7 +179,7 @@ class PodState:
                         if (rec := self._containers.get(cid)) is not None
                         and rec.console_offset != off]
             if news:
-                self._store.put_many("containers", map(_row, news))
+                self._store.update_many("containers", map(_row, news))
                 self._swap(news)
 
     def _swap(self, recs: list[ContainerRecord]) -> None:

@@ -152,6 +152,31 @@ class Store:
                 db.execute(f"INSERT OR REPLACE INTO {table} ({','.join(names)}) "
                            f"VALUES ({marks})", values)
 
+    def update(self, table: str, id_: str, data: dict[str, Any], **columns: str) -> bool:
+        """Replaces the row `id_` if it exists; never inserts one. False when there was no
+        row: a writer holding a record read before the row was deleted (a StopPodSandbox
+        that overlapped RemovePodSandbox) cannot bring it back."""
+        return self.update_many(table, [(id_, data, columns)]) == 1
+
+    def update_many(self, table: str,
+                    rows: Iterable[tuple[str, dict[str, Any], dict[str, str]]]) -> int:
+        """Several updates in one transaction; rows whose id is gone are skipped. Returns
+        how many rows were updated."""
+        assert table in TABLES
+        updated = 0
+        with self.transaction() as db:
+            for id_, data, columns in rows:
+                sets = ",".join(f"{name}=?" for name in ("data", *columns))
+                values = [json.dumps(data, sort_keys=True), *columns.values(), id_]
+                updated += db.execute(f"UPDATE {table} SET {sets} WHERE id=?",
+                                      values).rowcount
+        return updated
+
+    def count(self, table: str) -> int:
+        assert table in TABLES
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
     def get(self, table: str, id_: str) -> dict[str, Any] | None:
         assert table in TABLES
         with self._lock:

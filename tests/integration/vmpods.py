@@ -131,9 +131,10 @@ def container_config(pb: Any, image: str, memory_mib: int = 256,
             memory_limit_in_bytes=memory_mib * 2**20)))
 
 
-def vm_runtime(tmp: Path, net: CniTestNet) -> Daemon:
+def vm_runtime(tmp: Path, net: CniTestNet, *args: str) -> Daemon:
     """The daemon as the VM tests run it: real libvirtd, TCG, images over loopback http,
-    the test CNI network (with the recording test plugin on the plugin path)."""
+    the test CNI network (with the recording test plugin on the plugin path); `args` are
+    more flags."""
     return Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
                   args=["--disable-kvm", "--image-download-protocol", "http",
-                        "--cni-bin-dir", str(PLUGINS)])
+                        "--cni-bin-dir", str(PLUGINS), *args])

@@ -122,9 +122,9 @@ class Env:
     images: FakeImages
     made: list[Pods]
 
-    def pods(self) -> Pods:
-        p = Pods(Settings(disable_kvm=True, default_memory_mib=128,
-                          pod_logs_dir=str(self.root)), self.store,
+    def pods(self, **settings: Any) -> Pods:
+        p = Pods(Settings(**{"disable_kvm": True, "default_memory_mib": 128,
+                             "pod_logs_dir": str(self.root), **settings}), self.store,
                  self.domains, self.images, self.networks, self.root / "vms",  # type: ignore[arg-type]
                  TEMPLATES)
         p.ensure_reconciled()
@@ -334,14 +334,14 @@ def test_readers_never_wait_for_a_store_write(env: Env) -> None:
     pods.run_sandbox(sb)
     cid = pods.create_container(sb.id, container_input())
     entered, release = threading.Event(), threading.Event()
-    real_put = env.store.put
+    real_update = env.store.update
 
-    def slow_put(*args: Any, **kw: Any) -> None:
+    def slow_update(*args: Any, **kw: Any) -> bool:
         entered.set()
         release.wait(10)
-        real_put(*args, **kw)
+        return real_update(*args, **kw)
 
-    env.store.put = slow_put  # type: ignore[method-assign]
+    env.store.update = slow_update  # type: ignore[method-assign]
     try:
         t = threading.Thread(target=pods.start_container, args=(cid,))
         t.start()
@@ -353,7 +353,7 @@ def test_readers_never_wait_for_a_store_write(env: Env) -> None:
     finally:
         release.set()
         t.join(10)
-        env.store.put = real_put  # type: ignore[method-assign]
+        env.store.update = real_update  # type: ignore[method-assign]
     assert pods.container(cid).state == RUNNING
     pods.remove_sandbox(sb.id)
 
