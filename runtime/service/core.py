@@ -16,7 +16,8 @@ from ..adapters.pull_watch import PullLimits
 from ..adapters.templates import default_template_dirs
 from ..config import Settings
 from .health import Condition, LibvirtHealth, cni_condition
-from .images import ImageRecord, ImageStore
+from .image_records import ImageRecord
+from .images import ImageStore
 from .pod_network import PodNetworks
 from .pods import Pods
 from .statedir import StateDir

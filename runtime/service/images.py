@@ -15,12 +15,10 @@ downloads hold neither. Concurrent pulls of the same URL share one download.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,64 +30,12 @@ from ..checks import shown
 from ..errors import Cancelled, InvalidArgument, NotFound, RuntimeError_
 from .image_names import ImageName, Translator, parse_id, parse_image_name, url_for
 from .image_pulls import SharedDownloads
+from .image_records import Blob, ImageRecord, Memory, Name
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 TABLE = "image_names"
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One stored image: its content id and every name that points at it."""
-
-    id: str  # "sha256:<hex>"
-    digest: str  # "<hex>"
-    names: list[str]  # sorted; empty for content no name points at any more
-    size: int  # bytes of the blob file
-    virtual_size: int  # disk size the guest sees
-    path: Path  # the blob
-    format: str = "qcow2"  # "qcow2" or "raw": the backing format an overlay must name
-
-
-@dataclass(frozen=True)
-class _Blob:
-    size: int
-    virtual_size: int
-    format: str
-
-
-@dataclass(frozen=True)
-class _Name:
-    name: str
-    digest: str
-    url: str
-    pulled_at: str
-
-    def data(self, blob: _Blob) -> dict[str, Any]:
-        return {"name": self.name, "digest": self.digest, "url": self.url,
-                "pulled_at": self.pulled_at, "virtual_size": blob.virtual_size,
-                "format": blob.format}
-
-
-@dataclass(frozen=True)
-class _Memory:
-    """Every name and blob, as one value that is replaced, never changed."""
-
-    names: Mapping[str, _Name] = dataclasses.field(default_factory=dict)
-    blobs: Mapping[str, _Blob] = dataclasses.field(default_factory=dict)
-
-    def names_of(self, digest: str) -> list[str]:
-        return sorted(n for n, e in self.names.items() if e.digest == digest)
-
-    def with_name(self, entry: _Name, blob: _Blob) -> _Memory:
-        return _Memory({**self.names, entry.name: entry}, {**self.blobs, entry.digest: blob})
-
-    def without_name(self, name: str) -> _Memory:
-        return _Memory({n: e for n, e in self.names.items() if n != name}, self.blobs)
-
-    def without_blob(self, digest: str) -> _Memory:
-        return _Memory(self.names, {d: b for d, b in self.blobs.items() if d != digest})
 
 
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:
@@ -152,10 +98,10 @@ class ImageStore:
 
     # ---- startup ---------------------------------------------------------------------
 
-    def _load(self) -> _Memory:
+    def _load(self) -> Memory:
         sizes = self._blobs.scan()
-        names: dict[str, _Name] = {}
-        blobs: dict[str, _Blob] = {}
+        names: dict[str, Name] = {}
+        blobs: dict[str, Blob] = {}
         for data in self._store.all(TABLE):
             usable = self._usable(data, sizes)
             if usable is not None:
@@ -166,9 +112,9 @@ class ImageStore:
             if digest not in blobs:
                 blobs[digest] = self._inspect_orphan(digest, size)
         log.info("image store %s: %d image(s), %d name(s)", self.root, len(blobs), len(names))
-        return _Memory(names, blobs)
+        return Memory(names, blobs)
 
-    def _usable(self, data: Any, sizes: Mapping[str, int]) -> tuple[_Name, _Blob] | None:
+    def _usable(self, data: Any, sizes: Mapping[str, int]) -> tuple[Name, Blob] | None:
         """The name record and its blob's facts; an unusable record is deleted (or, without
         a name to delete it by, left for an operator)."""
         name = data.get("name") if isinstance(data, dict) else None
@@ -178,34 +124,34 @@ class ImageStore:
                 raise ValueError("name and digest must be strings")
             if digest not in sizes:
                 raise ValueError(f"its blob sha256:{digest} is missing")
-            entry = _Name(name, digest, str(data.get("url", "")), str(data.get("pulled_at", "")))
-            return entry, _Blob(sizes[digest], int(data["virtual_size"]), str(data["format"]))
+            entry = Name(name, digest, str(data.get("url", "")), str(data.get("pulled_at", "")))
+            return entry, Blob(sizes[digest], int(data["virtual_size"]), str(data["format"]))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("image store: dropping unusable name record %s: %s", shown(name), exc)
         if isinstance(name, str):
             self._store.delete(TABLE, name)
         return None
 
-    def _inspect_orphan(self, digest: str, size: int) -> _Blob:
+    def _inspect_orphan(self, digest: str, size: int) -> Blob:
         """Facts of a blob no name record describes (a crash came between the two)."""
         try:
             info = qemu_img.info(self._blobs.path(digest), f"sha256:{digest}")
         except RuntimeError_ as exc:
             log.warning("image store: blob sha256:%s: %s", digest, exc.message)
-            return _Blob(size, 0, "")
-        return _Blob(size, info.virtual_size, info.format)
+            return Blob(size, 0, "")
+        return Blob(size, info.virtual_size, info.format)
 
     # ---- queries ---------------------------------------------------------------------
 
-    def _snapshot(self) -> _Memory:
+    def _snapshot(self) -> Memory:
         with self._lock:
             return self._memory
 
-    def _swap(self, memory: _Memory) -> None:
+    def _swap(self, memory: Memory) -> None:
         with self._lock:
             self._memory = memory
 
-    def _record(self, mem: _Memory, digest: str, names: list[str] | None = None) -> ImageRecord:
+    def _record(self, mem: Memory, digest: str, names: list[str] | None = None) -> ImageRecord:
         blob = mem.blobs[digest]
         return ImageRecord(
             id=f"sha256:{digest}", digest=digest,
@@ -293,7 +239,7 @@ class ImageStore:
         return named
 
     def _download(self, ref: ImageName, url: str, cancel: threading.Event | None,
-                  progress: Progress | None) -> tuple[Path, str, _Blob]:
+                  progress: Progress | None) -> tuple[Path, str, Blob]:
         """A checked temp file: (its path, its sha256, its facts)."""
         tmp, got = self._blobs.write_temp(
             f"image {ref.name}",
@@ -309,11 +255,11 @@ class ImageStore:
         except BaseException:
             self._blobs.discard(tmp)
             raise
-        return tmp, got.digest, _Blob(got.size, info.virtual_size, info.format)
+        return tmp, got.digest, Blob(got.size, info.virtual_size, info.format)
 
     # ---- changes (each under self._write_lock) ----------------------------------------
 
-    def _install(self, tmp: Path, digest: str, blob: _Blob, name: str, url: str) -> ImageRecord:
+    def _install(self, tmp: Path, digest: str, blob: Blob, name: str, url: str) -> ImageRecord:
         with self._write_lock:
             mem = self._snapshot()
             reuse = digest in mem.blobs and self._blobs.has(digest)
@@ -338,12 +284,12 @@ class ImageStore:
             return self._name_locked(name, url, digest)
 
     def _name_locked(self, name: str, url: str, digest: str,
-                     new_blob: _Blob | None = None) -> ImageRecord | None:
+                     new_blob: Blob | None = None) -> ImageRecord | None:
         mem = self._snapshot()
         blob = new_blob or mem.blobs.get(digest)
         if blob is None or not self._blobs.has(digest):
             return None
-        entry = _Name(name, digest, url, _now())
+        entry = Name(name, digest, url, _now())
         self._store.put(TABLE, name, entry.data(blob), digest=digest)
         new = mem.with_name(entry, blob)
         self._swap(new)
