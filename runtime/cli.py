@@ -32,6 +32,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="slowest download allowed, bytes/s over the window (10240; 0: any)")
     p.add_argument("--image-pull-speed-window", type=float, metavar="SECONDS",
                    help="the window the minimum speed is measured over (60)")
+    p.add_argument("--image-pull-denied-networks", metavar="CIDRS",
+                   help="comma-separated networks image downloads never connect to (loopback, "
+                        "unspecified, link-local and cloud metadata; '' for none)")
+    p.add_argument("--image-max-size-mib", type=int, metavar="MIB",
+                   help="largest image a pull may bring (32768; 0: no cap)")
+    p.add_argument("--image-cache-size-mib", type=int, metavar="MIB",
+                   help="total size of stored images; unused ones are evicted (0: no cap)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

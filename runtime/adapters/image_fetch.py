@@ -91,7 +91,7 @@ def _network_error(exc: BaseException, name: str, url: str) -> RuntimeError_:
 
 def _http_status(code: int) -> str:
     try:
-        return f"HTTP {code} ({http.HTTPStatus(code).phrase})"
+        return f"HTTP {code} {http.HTTPStatus(code).phrase}"
     except ValueError:
         return f"HTTP {code}"
 

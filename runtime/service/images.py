@@ -10,32 +10,43 @@ without its blob.
 Status and List answer from memory: one immutable value, replaced whole under a lock that
 is never held over I/O. Changes (store writes, blob files) are serialised by a second lock;
 downloads hold neither. Concurrent pulls of the same URL share one download.
+
+A download is refused when it connects to a denied network (adapters/pull_guard.py) or
+grows past the size cap: the maximum image size, or the image cache size when that is
+smaller, since an image larger than the whole cache cannot stay in it. After each pull the
+cache is brought back under its size by evicting unused images (image_cache.py). A blob is
+removed, by RemoveImage or eviction, only under its lock (``holding``), after asking
+whether a container uses it.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import dataclasses
 import datetime
 import logging
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from ..adapters import qemu_img
 from ..adapters.image_blobs import BlobStore
-from ..adapters.image_fetch import Fetcher, Progress, redact
+from ..adapters.image_fetch import Fetcher, Progress, SizeCap, source_of
+from ..adapters.pull_guard import DEFAULT_DENIED_NETWORKS, NetworkGuard
 from ..adapters.pull_watch import PullLimits
-from ..checks import shown
 from ..errors import Cancelled, InvalidArgument, NotFound, RuntimeError_
+from . import image_cache
+from .image_load import TABLE, load
 from .image_names import ImageName, Translator, parse_id, parse_image_name, url_for
 from .image_pulls import SharedDownloads
 from .image_records import Blob, ImageRecord, Memory, Name
+from .keyed_locks import KeyedLocks
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-TABLE = "image_names"
 
 
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:
@@ -46,6 +57,14 @@ def _check_cancel(cancel: threading.Event | None, name: str) -> None:
 def _lookup(name_or_id: str) -> tuple[str | None, ImageName | None]:
     digest = parse_id(name_or_id)
     return (digest, None) if digest is not None else (None, parse_image_name(name_or_id))
+
+
+def _size_cap(max_size: int, cache_size: int) -> SizeCap:
+    """The most one download may bring: the maximum image size, or the cache size when
+    that is smaller (an image larger than the whole cache could not stay in it)."""
+    if cache_size and (not max_size or cache_size < max_size):
+        return SizeCap(cache_size, "image-cache-size-mib, the size of the whole image cache")
+    return SizeCap(max_size, "image-max-size-mib")
 
 
 def _now() -> str:
@@ -61,7 +80,9 @@ class ImageStore:
     def __init__(self, root: Path, store: Store, *, download_protocol: str = "https",
                  allowed_schemes: frozenset[str] = frozenset({"https", "http"}),
                  translations: Translator | None = None, timeout: float = 60.0,
-                 limits: PullLimits | None = None) -> None:
+                 limits: PullLimits | None = None,
+                 denied_networks: Iterable[str] = DEFAULT_DENIED_NETWORKS,
+                 max_size: int = 0, cache_size: int = 0) -> None:
         self.root = Path(root)
         self.allowed_schemes = frozenset(s.lower() for s in allowed_schemes)
         self.download_protocol = download_protocol.lower()
@@ -72,16 +93,22 @@ class ImageStore:
             )
         if timeout <= 0:
             raise InvalidArgument(f"image download timeout must be positive, not {timeout}")
+        if max_size < 0 or cache_size < 0:
+            raise InvalidArgument("image size limits must not be negative")
         self.translations = translations
         self.timeout = timeout
+        self.cache_size = cache_size  # bytes; 0: no cap
+        self.cap = _size_cap(max_size, cache_size)
         self._store = store
-        self._fetcher = Fetcher(self.allowed_schemes, timeout, limits)
+        self._fetcher = Fetcher(self.allowed_schemes, timeout, limits,
+                                NetworkGuard(denied_networks))
         self._lock = threading.Lock()  # guards the swap of self._memory; never held over I/O
         self._write_lock = threading.Lock()  # serialises changes of names and blobs
+        self._holds = KeyedLocks()  # per blob: removing it vs. a container taking it
         self._downloads: SharedDownloads[ImageRecord] = SharedDownloads()
         self._blobs = BlobStore(self.root)
         try:
-            self._memory = self._load()
+            self._memory = load(self.root, self._blobs, self._store)
         except BaseException:
             self._blobs.close()
             raise
@@ -95,51 +122,6 @@ class ImageStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- startup ---------------------------------------------------------------------
-
-    def _load(self) -> Memory:
-        sizes = self._blobs.scan()
-        names: dict[str, Name] = {}
-        blobs: dict[str, Blob] = {}
-        for data in self._store.all(TABLE):
-            usable = self._usable(data, sizes)
-            if usable is not None:
-                entry, blob = usable
-                names[entry.name] = entry
-                blobs.setdefault(entry.digest, blob)
-        for digest, size in sizes.items():
-            if digest not in blobs:
-                blobs[digest] = self._inspect_orphan(digest, size)
-        log.info("image store %s: %d image(s), %d name(s)", self.root, len(blobs), len(names))
-        return Memory(names, blobs)
-
-    def _usable(self, data: Any, sizes: Mapping[str, int]) -> tuple[Name, Blob] | None:
-        """The name record and its blob's facts; an unusable record is deleted (or, without
-        a name to delete it by, left for an operator)."""
-        name = data.get("name") if isinstance(data, dict) else None
-        try:
-            digest = data["digest"]
-            if not (isinstance(name, str) and isinstance(digest, str)):
-                raise ValueError("name and digest must be strings")
-            if digest not in sizes:
-                raise ValueError(f"its blob sha256:{digest} is missing")
-            entry = Name(name, digest, str(data.get("url", "")), str(data.get("pulled_at", "")))
-            return entry, Blob(sizes[digest], int(data["virtual_size"]), str(data["format"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("image store: dropping unusable name record %s: %s", shown(name), exc)
-        if isinstance(name, str):
-            self._store.delete(TABLE, name)
-        return None
-
-    def _inspect_orphan(self, digest: str, size: int) -> Blob:
-        """Facts of a blob no name record describes (a crash came between the two)."""
-        try:
-            info = qemu_img.info(self._blobs.path(digest), f"sha256:{digest}")
-        except RuntimeError_ as exc:
-            log.warning("image store: blob sha256:%s: %s", digest, exc.message)
-            return Blob(size, 0, "")
-        return Blob(size, info.virtual_size, info.format)
 
     # ---- queries ---------------------------------------------------------------------
 
@@ -197,12 +179,15 @@ class ImageStore:
     # ---- pull ------------------------------------------------------------------------
 
     def pull(self, name: str, cancel: threading.Event | None = None,
-             progress: Progress | None = None) -> ImageRecord:
+             progress: Progress | None = None,
+             in_use: Callable[[str], bool] | None = None) -> ImageRecord:
         """Download ``name`` (unless its ``@sha256:`` content is already stored) and name it.
 
-        Raises InvalidArgument, NotFound, Unavailable, DeadlineExceeded, ResourceExhausted,
-        Cancelled; on any failure the store is unchanged. ``progress(done, total)`` is called
-        at most every 0.5 s and once at the end; ``total`` is None without a Content-Length.
+        Raises InvalidArgument, PermissionDenied, NotFound, Unavailable, DeadlineExceeded,
+        ResourceExhausted, Cancelled; on any failure the store is unchanged.
+        ``progress(done, total)`` is called at most every 0.5 s and once at the end;
+        ``total`` is None without a Content-Length. Then, with a cache size and ``in_use``
+        (hex digest -> a container uses it), unused images are evicted down to the size.
         """
         ref = parse_image_name(name)
         url = url_for(ref, name, allowed_schemes=self.allowed_schemes,
@@ -210,7 +195,10 @@ class ImageStore:
         while True:
             record = self._pull_once(ref, url, cancel, progress)
             if record is not None:
-                return record
+                break
+        if in_use is not None:
+            self.evict(keep=record.digest, in_use=in_use)
+        return record
 
     def _pull_once(self, ref: ImageName, url: str, cancel: threading.Event | None,
                    progress: Progress | None) -> ImageRecord | None:
@@ -227,7 +215,7 @@ class ImageStore:
             return self._install(tmp, digest, blob, ref.name, url)
 
         shared = self._downloads.run((url, ref.digest), lead, name=ref.name,
-                                     source=redact(url), cancel=cancel)
+                                     source=source_of(url), cancel=cancel)
         if shared is None:
             return None
         record, led = shared
@@ -244,12 +232,12 @@ class ImageStore:
         tmp, got = self._blobs.write_temp(
             f"image {ref.name}",
             lambda out: self._fetcher.fetch(url, out, name=ref.name, cancel=cancel,
-                                            progress=progress))
+                                            progress=progress, cap=self.cap))
         try:
             if ref.digest is not None and got.digest != ref.digest:
                 raise InvalidArgument(
                     f"image {ref.name}: digest mismatch: the name asks for sha256:{ref.digest}, "
-                    f"{redact(url)} served sha256:{got.digest}"
+                    f"{source_of(url)} served sha256:{got.digest}"
                 )
             info = qemu_img.info(tmp, ref.name)
         except BaseException:
@@ -291,8 +279,10 @@ class ImageStore:
             return None
         entry = Name(name, digest, url, _now())
         self._store.put(TABLE, name, entry.data(blob), digest=digest)
-        new = mem.with_name(entry, blob)
+        used = time.time()
+        new = mem.with_name(entry, dataclasses.replace(blob, used=max(blob.used, used)))
         self._swap(new)
+        self._blobs.touch(digest, used)
         old = mem.names.get(name)
         if old is not None and old.digest != digest:
             log.info("image %s now points at sha256:%s instead of sha256:%s",
@@ -321,15 +311,67 @@ class ImageStore:
                 self._drop_name(n)
             if not self._unnamed_blob(digest):
                 return
-        # Asked with no lock held: in_use takes the pods' lock.
-        if in_use(digest):
-            log.info("image sha256:%s has no name left but is in use; blob kept", digest)
-            return
-        with self._write_lock:
-            if self._unnamed_blob(digest):
-                self._blobs.remove(digest)
-                self._swap(self._snapshot().without_blob(digest))
-                log.info("image sha256:%s removed", digest)
+        with self.holding(digest):
+            # Asked under the blob's lock only: in_use takes the pods' memory lock.
+            if in_use(digest):
+                log.info("image sha256:%s has no name left but is in use; blob kept", digest)
+                return
+            with self._write_lock:
+                if self._unnamed_blob(digest):
+                    self._remove_blob(digest)
+                    log.info("image sha256:%s removed", digest)
+
+    @contextlib.contextmanager
+    def holding(self, digest: str) -> Iterator[None]:
+        """Holds the lock of one blob: no RemoveImage or eviction removes it meanwhile.
+        CreateContainer records its use of the blob under it."""
+        with self._holds.hold(digest):
+            yield
+
+    def mark_used(self, digest: str) -> None:
+        """A container was made from this blob: it is the most recently used."""
+        used = time.time()
+        with self._lock:
+            self._memory = self._memory.used_at(digest, used)
+        self._blobs.touch(digest, used)
+
+    def evict(self, keep: str, in_use: Callable[[str], bool]) -> builtins.list[str]:
+        """Evicts unused blobs (and their names), least recently used first, until the
+        store fits the cache size; never ``keep`` nor a blob ``in_use``. Returns what went."""
+        gone: builtins.list[str] = []
+        if not self.cache_size:
+            return gone
+        mem = self._snapshot()
+        for digest in image_cache.candidates(mem.blobs, keep):
+            if not image_cache.over(self._snapshot().blobs, self.cache_size):
+                break
+            with self.holding(digest):
+                if in_use(digest):
+                    continue
+                with self._write_lock:
+                    now = self._snapshot()
+                    blob = now.blobs.get(digest)
+                    if blob is None:
+                        continue
+                    names = now.names_of(digest)
+                    for n in names:
+                        self._drop_name(n)
+                    self._remove_blob(digest)
+            gone.append(digest)
+            log.info("image cache: evicted sha256:%s (%s, names %s) to stay within the cache "
+                     "size of %s", digest, image_cache.mib(blob.size), names or "none",
+                     image_cache.mib(self.cache_size))
+        excess = image_cache.over(self._snapshot().blobs, self.cache_size)
+        if excess:
+            log.warning("image cache: %s above its size of %s after evicting every unused "
+                        "image; the rest is in use by containers or was just pulled",
+                        image_cache.mib(excess), image_cache.mib(self.cache_size))
+        return gone
+
+    def _remove_blob(self, digest: str) -> None:
+        """The blob's file and memory entry (under the write lock, its names gone first)."""
+        self._blobs.remove(digest)
+        self._swap(self._snapshot().without_blob(digest))
 
     def _unnamed_blob(self, digest: str) -> bool:
         mem = self._snapshot()
