@@ -36,6 +36,7 @@ from ..adapters.image_blobs import BlobStore
 from ..adapters.image_fetch import Fetcher, Progress, SizeCap, source_of
 from ..adapters.pull_guard import DEFAULT_DENIED_NETWORKS, NetworkGuard
 from ..adapters.pull_watch import PullLimits
+from ..checks import shown
 from ..errors import Cancelled, InvalidArgument, NotFound, RuntimeError_
 from . import image_cache
 from .image_load import TABLE, load
@@ -47,6 +48,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+LABEL = 160  # characters of an image name a pull's error message echoes
+
 
 
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:
@@ -57,6 +60,11 @@ def _check_cancel(cancel: threading.Event | None, name: str) -> None:
 def _lookup(name_or_id: str) -> tuple[str | None, ImageName | None]:
     digest = parse_id(name_or_id)
     return (digest, None) if digest is not None else (None, parse_image_name(name_or_id))
+
+
+def _label(name: str) -> str:
+    """An image name as error messages echo it: whole up to LABEL characters, else cut."""
+    return name if len(name) <= LABEL else shown(name, LABEL)
 
 
 def _size_cap(max_size: int, cache_size: int) -> SizeCap:
@@ -214,7 +222,7 @@ class ImageStore:
             tmp, digest, blob = self._download(ref, url, cancel, progress)
             return self._install(tmp, digest, blob, ref.name, url)
 
-        shared = self._downloads.run((url, ref.digest), lead, name=ref.name,
+        shared = self._downloads.run((url, ref.digest), lead, name=_label(ref.name),
                                      source=source_of(url), cancel=cancel)
         if shared is None:
             return None
@@ -230,16 +238,17 @@ class ImageStore:
                   progress: Progress | None) -> tuple[Path, str, Blob]:
         """A checked temp file: (its path, its sha256, its facts)."""
         tmp, got = self._blobs.write_temp(
-            f"image {ref.name}",
-            lambda out: self._fetcher.fetch(url, out, name=ref.name, cancel=cancel,
+            f"image {_label(ref.name)}",
+            lambda out: self._fetcher.fetch(url, out, name=_label(ref.name), cancel=cancel,
                                             progress=progress, cap=self.cap))
         try:
             if ref.digest is not None and got.digest != ref.digest:
                 raise InvalidArgument(
-                    f"image {ref.name}: digest mismatch: the name asks for sha256:{ref.digest}, "
+                    f"image {_label(ref.name)}: digest mismatch: the name asks for "
+                    f"sha256:{ref.digest}, "
                     f"{source_of(url)} served sha256:{got.digest}"
                 )
-            info = qemu_img.info(tmp, ref.name)
+            info = qemu_img.info(tmp, _label(ref.name))
         except BaseException:
             self._blobs.discard(tmp)
             raise
