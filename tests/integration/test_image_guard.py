@@ -8,7 +8,7 @@ made in the namespace); nothing outside the namespace is reached. Reproduced and
 fixed: a loopback URL, directly and through redirects, is refused before any byte is
 asked of the internal server; a 512-byte answer is not a root disk; a 256 MiB body without
 Content-Length stops at the size cap; error texts are plain and short; the image cache
-evicts unused images, least recently used first.
+evicts unused images, least recently used first, and never one a VM container uses.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -31,6 +32,15 @@ import pytest
 
 from arktos_vm_runtime.adapters import netns
 from tests.daemon_proc import APIS, Daemon
+from tests.guest.images import minimal_guest
+from tests.integration.test_network_common import CniTestNet
+from tests.integration.vmpods import (
+    container_config,
+    image_server,
+    require_libvirtd,
+    sandbox_config,
+    vm_runtime,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +299,45 @@ def test_the_image_cache_evicts_unused_images_least_recently_used_first(
         assert "image cache: evicted sha256:" in d.output()
     finally:
         d.stop()
+
+
+def test_an_image_a_container_uses_is_never_evicted(short_tmp: Path, cni_net: CniTestNet,
+                                                    tmp_path: Path) -> None:
+    """A real VM container (real libvirtd, CNI, overlay) made from the minimal guest pins
+    it: pulls past the cache size evict the unused images around it, and once the pod is
+    gone the guest's image is evictable again. This daemon serves from 127.0.0.1, so it
+    allows loopback explicitly, as the other VM tests do."""
+    require_libvirtd()
+    serve_dir = tmp_path / "serve"
+    serve_dir.mkdir()
+    shutil.copy(minimal_guest().disk, serve_dir / "guest.qcow2")
+    guest_mib = (serve_dir / "guest.qcow2").stat().st_size / MIB
+    for i, n in enumerate("abc"):
+        (serve_dir / f"{n}.raw").write_bytes(raw_disk(2, i + 1))
+    pb, _ = APIS["v1alpha2"]
+    files = {p.name: p for p in serve_dir.iterdir()}
+    with image_server(files) as host:
+        d = vm_runtime(short_tmp, cni_net)
+        cap = int(guest_mib) + 5  # the guest and two 2 MiB images fit, three do not
+        d.argv += ["--image-cache-size-mib", str(cap)]
+        d.start()
+        try:
+            guest, a, b, c = (f"{host}/{n}" for n in ("guest.qcow2", "a.raw", "b.raw", "c.raw"))
+            pull(d, guest)
+            rt = d.runtime("v1alpha2")
+            cfg = sandbox_config(pb, short_tmp / "pods", name="cache-pod")
+            sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
+                                   timeout=60).pod_sandbox_id
+            rt.CreateContainer(pb.CreateContainerRequest(
+                pod_sandbox_id=sid, sandbox_config=cfg, config=container_config(pb, guest)),
+                timeout=60)
+            pull(d, a)
+            pull(d, b)
+            pull(d, c)  # over: the guest is the oldest but in use; a goes
+            assert [image_present(d, n) for n in (guest, a, b, c)] == [True, False, True, True]
+            rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+            rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+            pull(d, a)  # now the guest is unused and the least recently used
+            assert [image_present(d, n) for n in (guest, a, b, c)] == [False, True, True, True]
+        finally:
+            d.stop()
