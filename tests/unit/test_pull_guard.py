@@ -10,8 +10,11 @@ import http.server
 import io
 import re
 import socket
+import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from arktos_vm_runtime.adapters.pull_guard import (
     NetworkGuard,
 )
 from arktos_vm_runtime.config import DEFAULT_DENIED_NETWORKS as CONFIG_DEFAULT
+from arktos_vm_runtime.config import Settings, build, denied_networks
 from arktos_vm_runtime.errors import (
     InvalidArgument,
     NotFound,
@@ -186,6 +190,48 @@ def test_loopback_is_refused_before_connecting(serve: Any, resolve: Any) -> None
     assert got.size == 4096 and srv.hits == ["/a"]
 
 
+def test_https_connections_are_checked_too(serve: Any, resolve: Any) -> None:
+    srv = serve()
+    with pytest.raises(PermissionDenied, match=re.escape("127.0.0.1 is in the denied")):
+        fetch(f"https://127.0.0.1:{srv.server_address[1]}/a")
+    assert srv.hits == []
+    # Allowed, the TLS handshake happens on the checked connection (and fails: plain HTTP).
+    with pytest.raises(Unavailable, match=re.escape("TLS with 'https://127.0.0.1")):
+        fetch(f"https://127.0.0.1:{srv.server_address[1]}/a", NetworkGuard([]))
+
+
+def test_tls_still_names_the_host_when_the_address_is_pinned(
+        tmp_path: Path, resolve: dict[str, list[str]]) -> None:
+    """The connection goes to the checked address; the TLS handshake names the host (SNI)
+    and checks the certificate against it, as without the guard."""
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=images.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    ctx.sni_callback = lambda sock, name, c: names.append(name)  # type: ignore[assignment]
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        conn, _ = listener.accept()
+        with contextlib.suppress(OSError), ctx.wrap_socket(conn, server_side=True):
+            pass
+        conn.close()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    resolve["images.test"] = ["127.0.0.1"]
+    with pytest.raises(Unavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        fetch(f"https://images.test:{port}/a", NetworkGuard([]))
+    t.join(10)
+    listener.close()
+    assert names == ["images.test"]
+    assert resolve["#lookups"] == ["images.test"]
+
+
 def test_ipv6_loopback_and_the_mapped_ipv4_loopback(serve: Any, resolve: Any) -> None:
     srv6 = serve("::1", socket.AF_INET6)
     srv6.routes["/a"] = (200, {}, b"x")
@@ -316,3 +362,37 @@ def test_connection_failures_say_what_failed(serve: Any, resolve: Any) -> None:
     srv.server_close()
     with pytest.raises(Unavailable, match=r"connection to 'http://127\.0\.0\.1:.*' refused"):
         fetch(f"http://127.0.0.1:{port}/a", NetworkGuard([]))
+
+
+# ---- the settings -------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_setting_from_flags_and_yaml(tmp_path: Path) -> None:
+    assert denied_networks(build(None, {})) == list(DEFAULT_DENIED_NETWORKS)
+    assert denied_networks(build(None, {"image_pull_denied_networks": ""})) == []
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("image-pull-denied-networks: [169.254.0.0/16, 'fe80::/10']\n"
+                   "image-max-size-mib: 100\nimage-cache-size-mib: 50\n")
+    s = build(str(cfg), {})
+    assert denied_networks(s) == ["169.254.0.0/16", "fe80::/10"]
+    assert (s.image_max_size_mib, s.image_cache_size_mib) == (100, 50)
+    with pytest.raises(InvalidArgument, match=re.escape("'10.0.0.0/33' is not an IP network")):
+        build(None, {"image_pull_denied_networks": "127.0.0.0/8,10.0.0.0/33"})
+    with pytest.raises(InvalidArgument, match="must not be negative"):
+        build(None, {"image_cache_size_mib": -1})
+
+
+def test_the_packaged_config_keeps_the_defaults() -> None:
+    s = build(str(REPO / "packaging/deb/debian/config.yaml"), {})
+    assert s.image_pull_denied_networks == CONFIG_DEFAULT
+    assert s.image_max_size_mib == Settings().image_max_size_mib
+    assert s.image_cache_size_mib == Settings().image_cache_size_mib
+
+
+def test_the_demo_and_the_test_daemons_allow_exactly_loopback_more() -> None:
+    from tests.daemon_proc import LOOPBACK_ALLOWED
+    demo = (REPO / "tools/demo").read_text()
+    assert f'--image-pull-denied-networks "{LOOPBACK_ALLOWED}"' in demo
+    assert set(LOOPBACK_ALLOWED.split(",")) == set(DEFAULT_DENIED_NETWORKS) - {"127.0.0.0/8"}
