@@ -8,14 +8,23 @@ asked under the blob's lock (ImageStore.holding), which CreateContainer holds wh
 records that it uses the blob, so an eviction and a create of one image cannot cross.
 What the cache cannot free (images in use) stays, and the log says so.
 
-Pure policy: the image store carries it out.
+Pure policy (and the size cap it implies for one download): the image store carries it out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..adapters.image_fetch import SizeCap
 from .image_records import Blob
+
+
+def size_cap(max_size: int, cache_size: int) -> SizeCap:
+    """The most one download may bring: the maximum image size, or the cache size when
+    that is smaller (an image larger than the whole cache could not stay in it)."""
+    if cache_size and (not max_size or cache_size < max_size):
+        return SizeCap(cache_size, "image-cache-size-mib, the size of the whole image cache")
+    return SizeCap(max_size, "image-max-size-mib")
 
 
 def candidates(blobs: Mapping[str, Blob], keep: str) -> list[str]:

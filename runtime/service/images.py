@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..adapters import qemu_img
 from ..adapters.image_blobs import BlobStore
-from ..adapters.image_fetch import Fetcher, Progress, SizeCap, source_of
+from ..adapters.image_fetch import Fetcher, Progress, source_of
 from ..adapters.pull_guard import DEFAULT_DENIED_NETWORKS, NetworkGuard
 from ..adapters.pull_watch import PullLimits
 from ..checks import shown
@@ -67,14 +67,6 @@ def _label(name: str) -> str:
     return name if len(name) <= LABEL else shown(name, LABEL)
 
 
-def _size_cap(max_size: int, cache_size: int) -> SizeCap:
-    """The most one download may bring: the maximum image size, or the cache size when
-    that is smaller (an image larger than the whole cache could not stay in it)."""
-    if cache_size and (not max_size or cache_size < max_size):
-        return SizeCap(cache_size, "image-cache-size-mib, the size of the whole image cache")
-    return SizeCap(max_size, "image-max-size-mib")
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -106,7 +98,7 @@ class ImageStore:
         self.translations = translations
         self.timeout = timeout
         self.cache_size = cache_size  # bytes; 0: no cap
-        self.cap = _size_cap(max_size, cache_size)
+        self.cap = image_cache.size_cap(max_size, cache_size)
         self._store = store
         self._fetcher = Fetcher(self.allowed_schemes, timeout, limits,
                                 NetworkGuard(denied_networks))
@@ -205,7 +197,11 @@ class ImageStore:
             if record is not None:
                 break
         if in_use is not None:
-            self.evict(keep=record.digest, in_use=in_use)
+            try:
+                self.evict(keep=record.digest, in_use=in_use)
+            except RuntimeError_ as exc:  # the pull itself succeeded
+                log.warning("image cache: eviction after pulling %s failed: %s",
+                            _label(ref.name), exc.message)
         return record
 
     def _pull_once(self, ref: ImageName, url: str, cancel: threading.Event | None,
