@@ -40,6 +40,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="memory of one pod's VM (0, the default: the host's memory)")
     p.add_argument("--max-pod-root-volume-gib", type=int, metavar="GIB",
                    help="root disk of one pod's VM (256; 0: no limit)")
+    p.add_argument("--image-pull-denied-networks", metavar="CIDRS",
+                   help="comma-separated networks image downloads never connect to (loopback, "
+                        "unspecified, link-local and cloud metadata; '' for none)")
+    p.add_argument("--image-max-size-mib", type=int, metavar="MIB",
+                   help="largest image a pull may bring (32768; 0: no cap)")
+    p.add_argument("--image-cache-size-mib", type=int, metavar="MIB",
+                   help="total size of stored images; unused ones are evicted (0: no cap)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

@@ -7,6 +7,7 @@ see the same names. A new setting is one field here plus one flag in cli.py.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from .errors import InvalidArgument
 DEFAULT_SOCKET = "/run/virtlet.sock"
 # sun_path is 108 bytes on Linux including the terminating NUL.
 MAX_SOCKET_PATH = 107
+# Loopback, "this host", link-local (with the cloud metadata 169.254.169.254) and the IPv6
+# cloud metadata address: the same list as adapters/pull_guard.DEFAULT_DENIED_NETWORKS.
+DEFAULT_DENIED_NETWORKS = ("127.0.0.0/8,::1/128,0.0.0.0/8,::/128,169.254.0.0/16,fe80::/10,"
+                           "fd00:ec2::254/128")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,16 @@ class Settings:
     max_pod_vcpus: int = 0
     max_pod_memory_mib: int = 0
     max_pod_root_volume_gib: int = 256
+    # Image downloads never connect to these networks, on any redirect hop (CIDRs,
+    # comma-separated; an IPv4-mapped IPv6 address counts as its IPv4 address). A narrower
+    # list allows one, e.g. loopback for a test server; empty: no network is denied.
+    image_pull_denied_networks: str = DEFAULT_DENIED_NETWORKS
+    # The largest image a pull may bring (MiB; 0: no cap): a larger Content-Length is
+    # refused before reading, a body without one is stopped once past it.
+    image_max_size_mib: int = 32768
+    # The total size of the stored images (MiB; 0: no cap). After each pull, unused images
+    # are evicted, least recently used first, until the store fits.
+    image_cache_size_mib: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,6 +91,8 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
     elif isinstance(value, str):
         return value
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML list of strings, e.g. networks
     raise InvalidArgument(f"setting {name}: {value!r} is not a {kind}")
 
 
@@ -128,5 +145,18 @@ def validate(s: Settings) -> None:
     for name in ("max_pods", "max_pod_vcpus", "max_pod_memory_mib", "max_pod_root_volume_gib"):
         if getattr(s, name) < 0:
             raise InvalidArgument(f"{name.replace('_', '-')} must not be negative (0: see --help)")
+    if s.image_max_size_mib < 0 or s.image_cache_size_mib < 0:
+        raise InvalidArgument("image-max-size-mib and image-cache-size-mib must not be negative")
+    for entry in denied_networks(s):
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise InvalidArgument(f"image-pull-denied-networks: {entry[:80]!r} is not an IP "
+                                  "network (e.g. 127.0.0.0/8 or fe80::/10)") from None
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidArgument(f"log-level {s.log_level!r}: debug, info, warning or error")
+
+
+def denied_networks(s: Settings) -> list[str]:
+    """The entries of image-pull-denied-networks."""
+    return [e.strip() for e in s.image_pull_denied_networks.split(",") if e.strip()]

@@ -21,6 +21,10 @@ class InvalidArgument(RuntimeError_):
     """The request is malformed; retrying it unchanged can never succeed."""
 
 
+class PermissionDenied(RuntimeError_):
+    """The request asks for something this node's policy refuses (a denied network)."""
+
+
 class NotFound(RuntimeError_):
     """The named object does not exist."""
 

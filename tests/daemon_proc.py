@@ -23,6 +23,7 @@ from arktos_vm_runtime.api.gen.v1 import api_pb2 as v1
 from arktos_vm_runtime.api.gen.v1 import api_pb2_grpc as v1_grpc
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2 as v1alpha2
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2_grpc as v1alpha2_grpc
+from arktos_vm_runtime.config import DEFAULT_DENIED_NETWORKS
 
 APIS: dict[str, tuple[ModuleType, ModuleType]] = {
     "v1alpha2": (v1alpha2, v1alpha2_grpc),
@@ -34,6 +35,10 @@ PYTHON = sys.executable
 #: so another runtime instance on the same host (another test run, a real node) is never
 #: counted or touched.
 STATE_DIRS: set[str] = set()
+#: The default denied networks less loopback: tests and benches serve their images on
+#: 127.0.0.1, so their daemons allow loopback explicitly (tests/integration/
+#: test_image_guard.py runs the daemon with the default list instead).
+LOOPBACK_ALLOWED = ",".join(n for n in DEFAULT_DENIED_NETWORKS.split(",") if n != "127.0.0.0/8")
 
 
 class NotifyListener:
@@ -80,7 +85,8 @@ class NotifyListener:
 class Daemon:
     def __init__(self, tmp: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
                  libvirt_uri: str = "test:///default", notify: bool = True,
-                 cni_dir: Path | None = None, pod_logs: bool = True) -> None:
+                 cni_dir: Path | None = None, pod_logs: bool = True,
+                 loopback_pulls: bool = True) -> None:
         self.tmp = tmp
         self.socket = str(tmp / "run" / "virtlet.sock")
         self.state_dir = str(tmp / "state")
@@ -89,13 +95,16 @@ class Daemon:
         self.cni_dir.mkdir(exist_ok=True)
         self.log = tmp / "daemon.log"
         # Console logs go only below this directory (the kubelet's /var/log/pods);
-        # pod_logs=False for a runtime without the setting (the previous release).
+        # pod_logs=False, loopback_pulls=False for a runtime without these settings (the
+        # previous release); loopback_pulls=False also for the default denied networks.
         self.pod_logs = tmp / "pods"
         self.notify = NotifyListener(tmp / "notify.sock") if notify else None
         self.argv = [PYTHON, "-m", "arktos_vm_runtime", "serve", "--listen", self.socket,
                      "--state-dir", self.state_dir, "--libvirt-uri", libvirt_uri,
                      "--cni-conf-dir", str(self.cni_dir),
-                     *(["--pod-logs-dir", str(self.pod_logs)] if pod_logs else []), *args]
+                     *(["--pod-logs-dir", str(self.pod_logs)] if pod_logs else []),
+                     *(["--image-pull-denied-networks", LOOPBACK_ALLOWED]
+                       if loopback_pulls else []), *args]
         self.env = dict(os.environ, **(env or {}))
         if self.notify:
             self.env["NOTIFY_SOCKET"] = str(self.notify.path)

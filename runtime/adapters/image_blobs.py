@@ -110,6 +110,21 @@ class BlobStore:
     def has(self, digest: str) -> bool:
         return self.path(digest).exists()
 
+    def mtime(self, digest: str) -> float:
+        """When the blob was last used (its mtime, see touch); 0 if unreadable."""
+        try:
+            return self.path(digest).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def touch(self, digest: str, when: float) -> None:
+        """Records a use of the blob in its mtime, so the order of use survives a restart
+        (the content never changes; best effort: a failure is logged)."""
+        try:
+            os.utime(self.path(digest), (when, when))
+        except OSError as exc:
+            log.warning("image store: cannot mark sha256:%s used: %s", digest, exc.strerror)
+
     def write_temp(self, what: str, write: Callable[[IO[bytes]], T]) -> tuple[Path, T]:
         """A new temp file filled by ``write(file)`` and fsynced, with what ``write``
         returned; on any failure the file is gone. ``what`` names it in errors."""

@@ -5,7 +5,8 @@ download is watched by a small thread of its own: when the deadline passes, the 
 the last ``window`` seconds fall below ``min_speed * window``, or the caller cancels, it
 shuts the connection's socket down, which wakes a read blocked on it at once (also while
 the status line and headers trickle in). The downloading thread then raises what the watch
-saw: DeadlineExceeded naming the image, or Cancelled.
+saw: DeadlineExceeded naming the image, or Cancelled. The connections it watches are made
+in pull_guard.py, which attaches each one's socket.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
-import http.client
 import logging
 import socket
 import threading
 import time
-import urllib.request
-from typing import Any
 
 from ..errors import Cancelled, DeadlineExceeded, RuntimeError_
 
@@ -77,45 +74,6 @@ class SpeedWindow:
         return self.recent(now) < self.min_speed * self.window
 
 
-class _Connection(http.client.HTTPConnection):
-    def __init__(self, *args: Any, watch: PullWatch, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._watch = watch
-
-    def connect(self) -> None:
-        super().connect()
-        self._watch.attach(self.sock)
-
-
-class _TLSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: Any, watch: PullWatch, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._watch = watch
-
-    def connect(self) -> None:
-        super().connect()
-        self._watch.attach(self.sock)
-
-
-class _Handler(urllib.request.HTTPHandler):
-    def __init__(self, watch: PullWatch) -> None:
-        super().__init__()
-        self._watch = watch
-
-    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_Connection, watch=self._watch), req)
-
-
-class _TLSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, watch: PullWatch) -> None:
-        super().__init__()
-        self._watch = watch
-
-    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_TLSConnection, watch=self._watch), req,
-                            context=getattr(self, "_context", None))
-
-
 class PullWatch:
     """Watches one download; use as a context manager around the whole fetch."""
 
@@ -133,10 +91,6 @@ class PullWatch:
         self._broken: RuntimeError_ | None = None
         self._finished = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pull-watch", daemon=True)
-
-    def handlers(self) -> list[urllib.request.BaseHandler]:
-        """urllib handlers whose connections this watch can cut."""
-        return [_Handler(self), _TLSHandler(self)]
 
     def attach(self, sock: socket.socket) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..service.images import ImageRecord
+from ..service.image_records import ImageRecord
 from ..service.network_state import NetworkStatus, NicStatus
 from ..service.records import ContainerRecord, SandboxRecord
 from .dispatch import Call

@@ -186,12 +186,16 @@ class Containers:
                 vcpus=vm.vcpus, memory_mib=vm.memory_mib, cpu_period=c.cpu_period,
                 cpu_quota=c.cpu_quota, memory_limit_in_bytes=c.memory_limit_in_bytes,
                 labels=c.labels, annotations=c.annotations)
-            self._state.put_container(rec)  # before any side effect: a crash is rolled back
+            # Under the image's lock, which RemoveImage and the cache's eviction take to ask
+            # whether the image is in use: once the record is in, it pins the image
+            # (image_in_use); if one of them came first, the bytes are gone.
+            with self._images.holding(image.digest):
+                self._state.put_container(rec)  # before any side effect: a crash is undone
+                present = self._images.status(image.id) is not None
             try:
-                # The record now pins the image (image_in_use); a RemoveImage that ran
-                # between the lookup above and here has taken the bytes away.
-                if self._images.status(image.id) is None:
+                if not present:
                     raise NotFound(f"image {c.image[:200]!r} was removed meanwhile")
+                self._images.mark_used(image.digest)
                 net = self._networks.network(sandbox_id)
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
                                        net.interfaces, self._domains.instance)

@@ -14,9 +14,10 @@ from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_domains import Domains
 from ..adapters.pull_watch import PullLimits
 from ..adapters.templates import default_template_dirs
-from ..config import Settings
+from ..config import Settings, denied_networks
 from .health import Condition, LibvirtHealth, cni_condition
-from .images import ImageRecord, ImageStore
+from .image_records import ImageRecord
+from .images import ImageStore
 from .pod_network import PodNetworks
 from .pods import Pods
 from .statedir import StateDir
@@ -38,6 +39,9 @@ class Core:
             allowed_schemes=frozenset(schemes),
             limits=PullLimits(settings.image_pull_deadline, settings.image_pull_min_speed,
                               settings.image_pull_speed_window),
+            denied_networks=denied_networks(settings),
+            max_size=settings.image_max_size_mib << 20,
+            cache_size=settings.image_cache_size_mib << 20,
             translations=ImageTranslator(translations_dir) if translations_dir.is_dir()
             else None)
         template_dirs = default_template_dirs(settings.template_dir)
@@ -65,7 +69,8 @@ class Core:
                 self._pulls[name] = (done, total, started)
 
         try:
-            return self.images.pull(name, cancel=cancel, progress=progress)
+            return self.images.pull(name, cancel=cancel, progress=progress,
+                                    in_use=self.pods.image_in_use)
         finally:
             with self._pulls_lock:
                 self._pulls.pop(name, None)

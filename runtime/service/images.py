@@ -10,86 +10,46 @@ without its blob.
 Status and List answer from memory: one immutable value, replaced whole under a lock that
 is never held over I/O. Changes (store writes, blob files) are serialised by a second lock;
 downloads hold neither. Concurrent pulls of the same URL share one download.
+
+A download is refused when it connects to a denied network (adapters/pull_guard.py) or
+grows past the size cap: the maximum image size, or the image cache size when that is
+smaller, since an image larger than the whole cache cannot stay in it. After each pull the
+cache is brought back under its size by evicting unused images (image_cache.py). A blob is
+removed, by RemoveImage or eviction, only under its lock (``holding``), after asking
+whether a container uses it.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import datetime
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from ..adapters import qemu_img
 from ..adapters.image_blobs import BlobStore
-from ..adapters.image_fetch import Fetcher, Progress, redact
+from ..adapters.image_fetch import Fetcher, Progress, source_of
+from ..adapters.pull_guard import DEFAULT_DENIED_NETWORKS, NetworkGuard
 from ..adapters.pull_watch import PullLimits
 from ..checks import shown
 from ..errors import Cancelled, InvalidArgument, NotFound, RuntimeError_
+from . import image_cache
+from .image_load import TABLE, load
 from .image_names import ImageName, Translator, parse_id, parse_image_name, url_for
 from .image_pulls import SharedDownloads
+from .image_records import Blob, ImageRecord, Memory, Name
+from .keyed_locks import KeyedLocks
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-TABLE = "image_names"
+LABEL = 160  # characters of an image name a pull's error message echoes
 
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One stored image: its content id and every name that points at it."""
-
-    id: str  # "sha256:<hex>"
-    digest: str  # "<hex>"
-    names: list[str]  # sorted; empty for content no name points at any more
-    size: int  # bytes of the blob file
-    virtual_size: int  # disk size the guest sees
-    path: Path  # the blob
-    format: str = "qcow2"  # "qcow2" or "raw": the backing format an overlay must name
-
-
-@dataclass(frozen=True)
-class _Blob:
-    size: int
-    virtual_size: int
-    format: str
-
-
-@dataclass(frozen=True)
-class _Name:
-    name: str
-    digest: str
-    url: str
-    pulled_at: str
-
-    def data(self, blob: _Blob) -> dict[str, Any]:
-        return {"name": self.name, "digest": self.digest, "url": self.url,
-                "pulled_at": self.pulled_at, "virtual_size": blob.virtual_size,
-                "format": blob.format}
-
-
-@dataclass(frozen=True)
-class _Memory:
-    """Every name and blob, as one value that is replaced, never changed."""
-
-    names: Mapping[str, _Name] = dataclasses.field(default_factory=dict)
-    blobs: Mapping[str, _Blob] = dataclasses.field(default_factory=dict)
-
-    def names_of(self, digest: str) -> list[str]:
-        return sorted(n for n, e in self.names.items() if e.digest == digest)
-
-    def with_name(self, entry: _Name, blob: _Blob) -> _Memory:
-        return _Memory({**self.names, entry.name: entry}, {**self.blobs, entry.digest: blob})
-
-    def without_name(self, name: str) -> _Memory:
-        return _Memory({n: e for n, e in self.names.items() if n != name}, self.blobs)
-
-    def without_blob(self, digest: str) -> _Memory:
-        return _Memory(self.names, {d: b for d, b in self.blobs.items() if d != digest})
 
 
 def _check_cancel(cancel: threading.Event | None, name: str) -> None:
@@ -100,6 +60,11 @@ def _check_cancel(cancel: threading.Event | None, name: str) -> None:
 def _lookup(name_or_id: str) -> tuple[str | None, ImageName | None]:
     digest = parse_id(name_or_id)
     return (digest, None) if digest is not None else (None, parse_image_name(name_or_id))
+
+
+def _label(name: str) -> str:
+    """An image name as error messages echo it: whole up to LABEL characters, else cut."""
+    return name if len(name) <= LABEL else shown(name, LABEL)
 
 
 def _now() -> str:
@@ -115,7 +80,9 @@ class ImageStore:
     def __init__(self, root: Path, store: Store, *, download_protocol: str = "https",
                  allowed_schemes: frozenset[str] = frozenset({"https", "http"}),
                  translations: Translator | None = None, timeout: float = 60.0,
-                 limits: PullLimits | None = None) -> None:
+                 limits: PullLimits | None = None,
+                 denied_networks: Iterable[str] = DEFAULT_DENIED_NETWORKS,
+                 max_size: int = 0, cache_size: int = 0) -> None:
         self.root = Path(root)
         self.allowed_schemes = frozenset(s.lower() for s in allowed_schemes)
         self.download_protocol = download_protocol.lower()
@@ -126,16 +93,22 @@ class ImageStore:
             )
         if timeout <= 0:
             raise InvalidArgument(f"image download timeout must be positive, not {timeout}")
+        if max_size < 0 or cache_size < 0:
+            raise InvalidArgument("image size limits must not be negative")
         self.translations = translations
         self.timeout = timeout
+        self.cache_size = cache_size  # bytes; 0: no cap
+        self.cap = image_cache.size_cap(max_size, cache_size)
         self._store = store
-        self._fetcher = Fetcher(self.allowed_schemes, timeout, limits)
+        self._fetcher = Fetcher(self.allowed_schemes, timeout, limits,
+                                NetworkGuard(denied_networks))
         self._lock = threading.Lock()  # guards the swap of self._memory; never held over I/O
         self._write_lock = threading.Lock()  # serialises changes of names and blobs
+        self._holds = KeyedLocks()  # per blob: removing it vs. a container taking it
         self._downloads: SharedDownloads[ImageRecord] = SharedDownloads()
         self._blobs = BlobStore(self.root)
         try:
-            self._memory = self._load()
+            self._memory = load(self.root, self._blobs, self._store)
         except BaseException:
             self._blobs.close()
             raise
@@ -150,62 +123,17 @@ class ImageStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- startup ---------------------------------------------------------------------
-
-    def _load(self) -> _Memory:
-        sizes = self._blobs.scan()
-        names: dict[str, _Name] = {}
-        blobs: dict[str, _Blob] = {}
-        for data in self._store.all(TABLE):
-            usable = self._usable(data, sizes)
-            if usable is not None:
-                entry, blob = usable
-                names[entry.name] = entry
-                blobs.setdefault(entry.digest, blob)
-        for digest, size in sizes.items():
-            if digest not in blobs:
-                blobs[digest] = self._inspect_orphan(digest, size)
-        log.info("image store %s: %d image(s), %d name(s)", self.root, len(blobs), len(names))
-        return _Memory(names, blobs)
-
-    def _usable(self, data: Any, sizes: Mapping[str, int]) -> tuple[_Name, _Blob] | None:
-        """The name record and its blob's facts; an unusable record is deleted (or, without
-        a name to delete it by, left for an operator)."""
-        name = data.get("name") if isinstance(data, dict) else None
-        try:
-            digest = data["digest"]
-            if not (isinstance(name, str) and isinstance(digest, str)):
-                raise ValueError("name and digest must be strings")
-            if digest not in sizes:
-                raise ValueError(f"its blob sha256:{digest} is missing")
-            entry = _Name(name, digest, str(data.get("url", "")), str(data.get("pulled_at", "")))
-            return entry, _Blob(sizes[digest], int(data["virtual_size"]), str(data["format"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("image store: dropping unusable name record %s: %s", shown(name), exc)
-        if isinstance(name, str):
-            self._store.delete(TABLE, name)
-        return None
-
-    def _inspect_orphan(self, digest: str, size: int) -> _Blob:
-        """Facts of a blob no name record describes (a crash came between the two)."""
-        try:
-            info = qemu_img.info(self._blobs.path(digest), f"sha256:{digest}")
-        except RuntimeError_ as exc:
-            log.warning("image store: blob sha256:%s: %s", digest, exc.message)
-            return _Blob(size, 0, "")
-        return _Blob(size, info.virtual_size, info.format)
-
     # ---- queries ---------------------------------------------------------------------
 
-    def _snapshot(self) -> _Memory:
+    def _snapshot(self) -> Memory:
         with self._lock:
             return self._memory
 
-    def _swap(self, memory: _Memory) -> None:
+    def _swap(self, memory: Memory) -> None:
         with self._lock:
             self._memory = memory
 
-    def _record(self, mem: _Memory, digest: str, names: list[str] | None = None) -> ImageRecord:
+    def _record(self, mem: Memory, digest: str, names: list[str] | None = None) -> ImageRecord:
         blob = mem.blobs[digest]
         return ImageRecord(
             id=f"sha256:{digest}", digest=digest,
@@ -251,12 +179,15 @@ class ImageStore:
     # ---- pull ------------------------------------------------------------------------
 
     def pull(self, name: str, cancel: threading.Event | None = None,
-             progress: Progress | None = None) -> ImageRecord:
+             progress: Progress | None = None,
+             in_use: Callable[[str], bool] | None = None) -> ImageRecord:
         """Download ``name`` (unless its ``@sha256:`` content is already stored) and name it.
 
-        Raises InvalidArgument, NotFound, Unavailable, DeadlineExceeded, ResourceExhausted,
-        Cancelled; on any failure the store is unchanged. ``progress(done, total)`` is called
-        at most every 0.5 s and once at the end; ``total`` is None without a Content-Length.
+        Raises InvalidArgument, PermissionDenied, NotFound, Unavailable, DeadlineExceeded,
+        ResourceExhausted, Cancelled; on any failure the store is unchanged.
+        ``progress(done, total)`` is called at most every 0.5 s and once at the end;
+        ``total`` is None without a Content-Length. Then, with a cache size and ``in_use``
+        (hex digest -> a container uses it), unused images are evicted down to the size.
         """
         ref = parse_image_name(name)
         url = url_for(ref, name, allowed_schemes=self.allowed_schemes,
@@ -264,7 +195,14 @@ class ImageStore:
         while True:
             record = self._pull_once(ref, url, cancel, progress)
             if record is not None:
-                return record
+                break
+        if in_use is not None:
+            try:
+                self.evict(keep=record.digest, in_use=in_use)
+            except RuntimeError_ as exc:  # the pull itself succeeded
+                log.warning("image cache: eviction after pulling %s failed: %s",
+                            _label(ref.name), exc.message)
+        return record
 
     def _pull_once(self, ref: ImageName, url: str, cancel: threading.Event | None,
                    progress: Progress | None) -> ImageRecord | None:
@@ -280,8 +218,8 @@ class ImageStore:
             tmp, digest, blob = self._download(ref, url, cancel, progress)
             return self._install(tmp, digest, blob, ref.name, url)
 
-        shared = self._downloads.run((url, ref.digest), lead, name=ref.name,
-                                     source=redact(url), cancel=cancel)
+        shared = self._downloads.run((url, ref.digest), lead, name=_label(ref.name),
+                                     source=source_of(url), cancel=cancel)
         if shared is None:
             return None
         record, led = shared
@@ -293,27 +231,28 @@ class ImageStore:
         return named
 
     def _download(self, ref: ImageName, url: str, cancel: threading.Event | None,
-                  progress: Progress | None) -> tuple[Path, str, _Blob]:
+                  progress: Progress | None) -> tuple[Path, str, Blob]:
         """A checked temp file: (its path, its sha256, its facts)."""
         tmp, got = self._blobs.write_temp(
-            f"image {ref.name}",
-            lambda out: self._fetcher.fetch(url, out, name=ref.name, cancel=cancel,
-                                            progress=progress))
+            f"image {_label(ref.name)}",
+            lambda out: self._fetcher.fetch(url, out, name=_label(ref.name), cancel=cancel,
+                                            progress=progress, cap=self.cap))
         try:
             if ref.digest is not None and got.digest != ref.digest:
                 raise InvalidArgument(
-                    f"image {ref.name}: digest mismatch: the name asks for sha256:{ref.digest}, "
-                    f"{redact(url)} served sha256:{got.digest}"
+                    f"image {_label(ref.name)}: digest mismatch: the name asks for "
+                    f"sha256:{ref.digest}, "
+                    f"{source_of(url)} served sha256:{got.digest}"
                 )
-            info = qemu_img.info(tmp, ref.name)
+            info = qemu_img.info(tmp, _label(ref.name))
         except BaseException:
             self._blobs.discard(tmp)
             raise
-        return tmp, got.digest, _Blob(got.size, info.virtual_size, info.format)
+        return tmp, got.digest, Blob(got.size, info.virtual_size, info.format)
 
     # ---- changes (each under self._write_lock) ----------------------------------------
 
-    def _install(self, tmp: Path, digest: str, blob: _Blob, name: str, url: str) -> ImageRecord:
+    def _install(self, tmp: Path, digest: str, blob: Blob, name: str, url: str) -> ImageRecord:
         with self._write_lock:
             mem = self._snapshot()
             reuse = digest in mem.blobs and self._blobs.has(digest)
@@ -338,15 +277,17 @@ class ImageStore:
             return self._name_locked(name, url, digest)
 
     def _name_locked(self, name: str, url: str, digest: str,
-                     new_blob: _Blob | None = None) -> ImageRecord | None:
+                     new_blob: Blob | None = None) -> ImageRecord | None:
         mem = self._snapshot()
         blob = new_blob or mem.blobs.get(digest)
         if blob is None or not self._blobs.has(digest):
             return None
-        entry = _Name(name, digest, url, _now())
+        entry = Name(name, digest, url, _now())
         self._store.put(TABLE, name, entry.data(blob), digest=digest)
-        new = mem.with_name(entry, blob)
+        used = time.time()
+        new = mem.with_name(entry, dataclasses.replace(blob, used=max(blob.used, used)))
         self._swap(new)
+        self._blobs.touch(digest, used)
         old = mem.names.get(name)
         if old is not None and old.digest != digest:
             log.info("image %s now points at sha256:%s instead of sha256:%s",
@@ -375,15 +316,67 @@ class ImageStore:
                 self._drop_name(n)
             if not self._unnamed_blob(digest):
                 return
-        # Asked with no lock held: in_use takes the pods' lock.
-        if in_use(digest):
-            log.info("image sha256:%s has no name left but is in use; blob kept", digest)
-            return
-        with self._write_lock:
-            if self._unnamed_blob(digest):
-                self._blobs.remove(digest)
-                self._swap(self._snapshot().without_blob(digest))
-                log.info("image sha256:%s removed", digest)
+        with self.holding(digest):
+            # Asked under the blob's lock only: in_use takes the pods' memory lock.
+            if in_use(digest):
+                log.info("image sha256:%s has no name left but is in use; blob kept", digest)
+                return
+            with self._write_lock:
+                if self._unnamed_blob(digest):
+                    self._remove_blob(digest)
+                    log.info("image sha256:%s removed", digest)
+
+    @contextlib.contextmanager
+    def holding(self, digest: str) -> Iterator[None]:
+        """Holds the lock of one blob: no RemoveImage or eviction removes it meanwhile.
+        CreateContainer records its use of the blob under it."""
+        with self._holds.hold(digest):
+            yield
+
+    def mark_used(self, digest: str) -> None:
+        """A container was made from this blob: it is the most recently used."""
+        used = time.time()
+        with self._lock:
+            self._memory = self._memory.used_at(digest, used)
+        self._blobs.touch(digest, used)
+
+    def evict(self, keep: str, in_use: Callable[[str], bool]) -> builtins.list[str]:
+        """Evicts unused blobs (and their names), least recently used first, until the
+        store fits the cache size; never ``keep`` nor a blob ``in_use``. Returns what went."""
+        gone: builtins.list[str] = []
+        if not self.cache_size:
+            return gone
+        mem = self._snapshot()
+        for digest in image_cache.candidates(mem.blobs, keep):
+            if not image_cache.over(self._snapshot().blobs, self.cache_size):
+                break
+            with self.holding(digest):
+                if in_use(digest):
+                    continue
+                with self._write_lock:
+                    now = self._snapshot()
+                    blob = now.blobs.get(digest)
+                    if blob is None:
+                        continue
+                    names = now.names_of(digest)
+                    for n in names:
+                        self._drop_name(n)
+                    self._remove_blob(digest)
+            gone.append(digest)
+            log.info("image cache: evicted sha256:%s (%s, names %s) to stay within the cache "
+                     "size of %s", digest, image_cache.mib(blob.size), names or "none",
+                     image_cache.mib(self.cache_size))
+        excess = image_cache.over(self._snapshot().blobs, self.cache_size)
+        if excess:
+            log.warning("image cache: %s above its size of %s after evicting every unused "
+                        "image; the rest is in use by containers or was just pulled",
+                        image_cache.mib(excess), image_cache.mib(self.cache_size))
+        return gone
+
+    def _remove_blob(self, digest: str) -> None:
+        """The blob's file and memory entry (under the write lock, its names gone first)."""
+        self._blobs.remove(digest)
+        self._swap(self._snapshot().without_blob(digest))
 
     def _unnamed_blob(self, digest: str) -> bool:
         mem = self._snapshot()

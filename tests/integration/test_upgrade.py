@@ -50,7 +50,7 @@ def previous_release(dest: Path) -> Path:
 
 def old_runtime(tmp: Path, net: CniTestNet, pythonpath: Path) -> Daemon:
     return Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
-                  env={"PYTHONPATH": str(pythonpath)}, pod_logs=False,
+                  env={"PYTHONPATH": str(pythonpath)}, pod_logs=False, loopback_pulls=False,
                   args=["--disable-kvm", "--image-download-protocol", "http",
                         "--cni-bin-dir", str(PLUGINS)])
 

@@ -20,10 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from arktos_vm_runtime.adapters.image_translations import ImageTranslator
+from arktos_vm_runtime.adapters.pull_guard import DEFAULT_DENIED_NETWORKS
 from arktos_vm_runtime.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -35,6 +37,15 @@ from arktos_vm_runtime.errors import (
 from arktos_vm_runtime.service import store as store_mod
 from arktos_vm_runtime.service.images import ImageStore
 from arktos_vm_runtime.service.store import Store
+
+# The test server is on 127.0.0.1: these stores deny every default network but loopback.
+# tests/unit/test_image_guard_unit.py pulls with the default list.
+LOOPBACK_ALLOWED = [n for n in DEFAULT_DENIED_NETWORKS if n != "127.0.0.0/8"]
+
+
+def open_store(root: Path, db: Store, **kwargs: Any) -> ImageStore:
+    kwargs.setdefault("denied_networks", LOOPBACK_ALLOWED)
+    return ImageStore(root, db, **kwargs)
 
 
 def sha(data: bytes) -> str:
@@ -77,7 +88,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "b": _qemu_img_create(d / "b.qcow2", "qcow2", "2M"),
         "vmdk": _qemu_img_create(d / "c.vmdk", "vmdk", "1M"),
         "backed": _qemu_img_create(d / "o.qcow2", "qcow2", "-b", str(d / "a.qcow2"), "-F", "qcow2"),
-        "raw": b"\0" * 65536,
+        "raw": b"\0" * (1 << 20),
         "text": b"<html><body>Not an image, but 200 OK</body></html>\n",
         "empty": b"",
         "big": b"\1" * (3 << 20),
@@ -206,7 +217,7 @@ def db(tmp_path: Path) -> Iterator[Store]:
 
 @pytest.fixture
 def store(tmp_path: Path, db: Store) -> Iterator[ImageStore]:
-    s = ImageStore(tmp_path / "images", db, download_protocol="http")
+    s = open_store(tmp_path / "images", db, download_protocol="http")
     yield s
     s.close()
 
@@ -285,20 +296,20 @@ def test_schemes_not_allowed(store: ImageStore, raw: str) -> None:
 
 def test_https_only_store_refuses_http(tmp_path: Path, db: Store, server: Server) -> None:
     with (
-        ImageStore(tmp_path / "s", db, allowed_schemes=frozenset({"https"})) as s,
+        open_store(tmp_path / "s", db, allowed_schemes=frozenset({"https"})) as s,
         pytest.raises(InvalidArgument, match="scheme 'http' is not allowed"),
     ):
         s.pull(f"http://{server.host}/images/a.qcow2")
     assert server.hits == {}
     with pytest.raises(InvalidArgument, match="download protocol"):
-        ImageStore(tmp_path / "t", db, download_protocol="http",
+        open_store(tmp_path / "t", db, download_protocol="http",
                    allowed_schemes=frozenset({"https"}))
 
 
 def test_file_scheme_when_allowed(tmp_path: Path, db: Store, images: dict[str, bytes]) -> None:
     local = tmp_path / "local.qcow2"
     local.write_bytes(images["a"])
-    with ImageStore(tmp_path / "s", db, allowed_schemes=frozenset({"https", "file"})) as s:
+    with open_store(tmp_path / "s", db, allowed_schemes=frozenset({"https", "file"})) as s:
         rec = s.pull(f"file://{local}")
         assert rec.digest == sha(images["a"])
         assert rec.names == [f"file://{local}"]
@@ -360,21 +371,21 @@ def test_pull_and_status(
 
 
 def test_state_survives_reopen(tmp_path: Path, db: Store, server: Server) -> None:
-    with ImageStore(tmp_path / "s", db, download_protocol="http") as s:
+    with open_store(tmp_path / "s", db, download_protocol="http") as s:
         rec = s.pull(f"{server.host}/images/a.qcow2")
-    with ImageStore(tmp_path / "s", db, download_protocol="http") as s:
+    with open_store(tmp_path / "s", db, download_protocol="http") as s:
         assert s.list() == [rec]
 
 
 def test_one_process_owns_the_root(tmp_path: Path, db: Store) -> None:
-    with ImageStore(tmp_path / "s", db) as s, pytest.raises(FailedPrecondition, match="in use"):
-        ImageStore(s.root, db)
-    ImageStore(tmp_path / "s", db).close()
+    with open_store(tmp_path / "s", db) as s, pytest.raises(FailedPrecondition, match="in use"):
+        open_store(s.root, db)
+    open_store(tmp_path / "s", db).close()
 
 
 def test_raw_image_and_colon_in_file_name(store: ImageStore, server: Server) -> None:
     rec = store.pull(f"{server.host}/images/disk.raw")
-    assert (rec.format, rec.virtual_size) == ("raw", 65536)
+    assert (rec.format, rec.virtual_size) == ("raw", 1 << 20)
     rec = store.pull(f"{server.host}/images/img:v2.qcow2")
     assert rec.names == [f"{server.host}/images/img:v2.qcow2"]
     assert server.hits["/images/img:v2.qcow2"] == 1
@@ -438,8 +449,8 @@ def test_repull_moves_name_and_keeps_old_content_listed(
 @pytest.mark.parametrize(
     ("path", "error", "text"),
     [
-        ("/images/missing.qcow2", NotFound, "not found at http://"),
-        ("/status/500", Unavailable, "500"),
+        ("/images/missing.qcow2", NotFound, "not found at 'http://"),
+        ("/status/500", Unavailable, "answered HTTP 500 Internal Server Error"),
         ("/lie", Unavailable, "announced"),
         ("/images/page.html", InvalidArgument, "not a disk image"),
         ("/images/empty.img", InvalidArgument, "not a disk image"),
@@ -471,7 +482,7 @@ def test_connection_refused(store: ImageStore) -> None:
 
 
 def test_timeout(tmp_path: Path, db: Store, server: Server) -> None:
-    with ImageStore(tmp_path / "s", db, download_protocol="http", timeout=0.3) as s:
+    with open_store(tmp_path / "s", db, download_protocol="http", timeout=0.3) as s:
         with pytest.raises(DeadlineExceeded, match="did not answer in time"):
             s.pull(f"{server.host}/hang")
         assert files_under(s.root) == []
@@ -627,7 +638,7 @@ def test_remove_absent_succeeds(store: ImageStore, server: Server) -> None:
 
 def test_leftover_temp_files_removed_on_open(tmp_path: Path, db: Store, server: Server) -> None:
     root = tmp_path / "s"
-    with ImageStore(root, db, download_protocol="http") as s:
+    with open_store(root, db, download_protocol="http") as s:
         rec = s.pull(f"{server.host}/images/a.qcow2")
         before = files_under(root)
     (root / "tmp" / "pull-123.part").write_bytes(b"half a download")
@@ -637,7 +648,7 @@ def test_leftover_temp_files_removed_on_open(tmp_path: Path, db: Store, server: 
     (root / "names").mkdir()
     (root / "names" / ".tmp-abc").write_bytes(b'{"name": "half')
     (root / "blobs" / "sha256" / ".tmp-def").write_bytes(b"x")
-    with ImageStore(root, db, download_protocol="http") as s:
+    with open_store(root, db, download_protocol="http") as s:
         assert files_under(root) == before
         assert not (root / "names").exists()
         assert os.listdir(root / "tmp") == []
@@ -648,7 +659,7 @@ def test_unusable_records_dropped_and_orphan_blob_listed(
     tmp_path: Path, db: Store, server: Server, images: dict[str, bytes]
 ) -> None:
     root = tmp_path / "s"
-    with ImageStore(root, db, download_protocol="http") as s:
+    with open_store(root, db, download_protocol="http") as s:
         a = s.pull(f"{server.host}/images/a.qcow2")
         b = s.pull(f"{server.host}/images/b.qcow2")
     # A crash between placing a blob and writing its name; a record whose blob is gone;
@@ -657,7 +668,7 @@ def test_unusable_records_dropped_and_orphan_blob_listed(
     b.path.unlink()
     db.put("image_names", "h/x.img", {"name": "h/x.img", "digest": a.digest}, digest=a.digest)
     db.put("image_names", "h/y.img", {"digest": a.digest}, digest=a.digest)
-    with ImageStore(root, db, download_protocol="http") as s:
+    with open_store(root, db, download_protocol="http") as s:
         [orphan] = s.list()
         assert orphan.id == a.id and orphan.names == []
         assert (orphan.virtual_size, orphan.format) == (1 << 20, "qcow2")
@@ -703,7 +714,7 @@ def test_previous_version_images_are_served_after_migration(
     root = state / "images"
 
     db = Store(state / "state.db")  # the migration carries the name files over
-    with ImageStore(root, db) as s:
+    with open_store(root, db) as s:
         rec = s.status(names[0])
         assert rec is not None and rec == s.status(names[1]) == s.status(f"sha256:{digest}")
         assert rec.names == sorted(names) and rec.size == len(images["a"])
@@ -729,7 +740,7 @@ def test_a_name_file_the_migration_could_not_read_is_left_for_an_operator(
     digest = _previous_version_layout(state, images["a"], ["example.test/a.qcow2"])
     (state / "images" / "names" / ("0" * 64 + ".json")).write_text("not json")
     db = Store(state / "state.db")
-    with ImageStore(state / "images", db) as s:
+    with open_store(state / "images", db) as s:
         assert [r.names for r in s.list()] == [["example.test/a.qcow2"]]
         assert files_under(state / "images") == [
             f"blobs/sha256/{digest}", f"names/{'0' * 64}.json"
@@ -743,13 +754,14 @@ from pathlib import Path
 from arktos_vm_runtime.service.images import ImageStore
 from arktos_vm_runtime.service.store import Store
 root = Path(sys.argv[1])
-ImageStore(root, Store(root.parent / "state.db"), download_protocol="http").pull(sys.argv[2])
+ImageStore(root, Store(root.parent / "state.db"), download_protocol="http",
+           denied_networks=[]).pull(sys.argv[2])
 """
 
 
 def test_kill_9_mid_download(tmp_path: Path, db: Store, server: Server) -> None:
     root = tmp_path / "s"
-    with ImageStore(root, db, download_protocol="http") as s:
+    with open_store(root, db, download_protocol="http") as s:
         rec = s.pull(f"{server.host}/images/a.qcow2")
         before = files_under(root)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(root), f"{server.host}/slow/x"])
@@ -759,7 +771,7 @@ def test_kill_9_mid_download(tmp_path: Path, db: Store, server: Server) -> None:
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     assert files_under(root) != before
-    with ImageStore(root, db, download_protocol="http") as s:
+    with open_store(root, db, download_protocol="http") as s:
         assert files_under(root) == before
         assert s.list() == [rec]
 
@@ -806,7 +818,7 @@ def test_pull_through_translations(
     tmp_path: Path, db: Store, server: Server, images: dict[str, bytes]
 ) -> None:
     _write_translations(tmp_path / "t", server.host)
-    with ImageStore(
+    with open_store(
         tmp_path / "s", db, translations=ImageTranslator(tmp_path / "t")
     ) as s:  # https by default: the translated http URLs are still allowed
         cirros = s.pull("testimages/cirros:latest")
@@ -843,7 +855,7 @@ def test_a_translated_name_cannot_climb_out_of_the_rule_path(
         "translations:\n"
         f"  - regexp: 'any/(.+)'\n    url: 'http://{server.host}/images/\\1'\n"
     )
-    with ImageStore(tmp_path / "s", db, translations=ImageTranslator(d)) as s:
+    with open_store(tmp_path / "s", db, translations=ImageTranslator(d)) as s:
         for name in ("any/../../etc/passwd", "any/a/%2e%2e/b.qcow2", "any/./a.qcow2"):
             with pytest.raises(InvalidArgument, match=re.escape("'.' or '..' path segments")):
                 s.pull(name)

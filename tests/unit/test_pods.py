@@ -6,6 +6,7 @@ ImageStore's interface over a real qcow2 file."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
 import threading
@@ -53,6 +54,10 @@ class FakeImage:
     virtual_size: int
     format: str = "qcow2"
 
+    @property
+    def digest(self) -> str:
+        return self.id.removeprefix("sha256:")
+
 
 class FakeImages:
     """ImageStore's `status` over one real qcow2 file."""
@@ -62,6 +67,13 @@ class FakeImages:
 
     def status(self, name: str) -> FakeImage | None:
         return self.image if name in ("img", self.image.id) else None
+
+    @contextlib.contextmanager
+    def holding(self, digest: str) -> Iterator[None]:
+        yield
+
+    def mark_used(self, digest: str) -> None:
+        pass
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from arktos_vm_runtime.adapters.image_fetch import Fetcher
+from arktos_vm_runtime.adapters.pull_guard import NetworkGuard
 from arktos_vm_runtime.adapters.pull_watch import PullLimits, SpeedWindow
 from arktos_vm_runtime.errors import Cancelled, DeadlineExceeded
 
@@ -113,7 +114,8 @@ def server() -> Iterator[str]:
 
 
 def _fetch(url: str, limits: PullLimits, cancel: threading.Event | None = None) -> float:
-    fetcher = Fetcher(frozenset({"http"}), timeout=60.0, limits=limits)
+    fetcher = Fetcher(frozenset({"http"}), timeout=60.0, limits=limits,
+                      guard=NetworkGuard([]))  # the servers are on 127.0.0.1
     t0 = time.monotonic()
     fetcher.fetch(url, io.BytesIO(), name="img/test", cancel=cancel)
     return time.monotonic() - t0
