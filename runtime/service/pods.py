@@ -21,6 +21,7 @@ from ..adapters.libvirt_domains import Domains
 from ..checks import check_hostname, check_id, is_hostname, shown
 from ..config import Settings
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from . import faults
 from .containers import ContainerInput, Containers, now_ns
 from .images import ImageStore
 from .network_state import NicStatus
@@ -55,7 +56,7 @@ class Pods:
                                       self.ensure_reconciled)
         self._domains = domains
         self._reconciler = Reconciler(self.state, domains, networks, self.console,
-                                      self._containers)
+                                      self._containers, self._remove_locked)
 
     def ensure_reconciled(self) -> None:
         """Called before every mutation: waits until reconciled."""
@@ -66,7 +67,12 @@ class Pods:
         self._reconciler.start()
 
     def reconcile(self) -> None:
-        self._reconciler.reconcile()
+        """Both phases of reconcile now (the daemon runs them in the background)."""
+        self._reconciler.settle()
+
+    def reconcile_pending(self) -> dict[str, str]:
+        """The sandboxes whose reconcile failed, waiting for a retry, with the reason."""
+        return self._reconciler.pending()
 
     def close(self) -> None:
         """At shutdown: the consoles copied and their offsets saved. VMs keep running."""
@@ -85,6 +91,10 @@ class Pods:
                                       if k in NETWORK_ANNOTATIONS})
         with self.state.pod_lock(sb.id):
             existing = self.state.sandbox(sb.id)
+            if existing is not None and existing.removing:
+                # A RemovePodSandbox cut short: finished before the pod runs again.
+                self._remove_locked(sb.id)
+                existing = None
             if existing is not None and existing.state == SANDBOX_READY:
                 return existing.id  # a repeated call: the same answer
             # New, or stopped before: sandbox id = pod UID, so the kubelet's next attempt
@@ -95,10 +105,16 @@ class Pods:
                 created_at=existing.created_at if existing is not None else sb.created_at)
             self.state.put_sandbox(sb)
             try:
+                faults.point("run_sandbox.recorded", sb.id)
                 self.networks.setup(sb.id, sb.tenant, sb.namespace, sb.name, net_config)
+                faults.point("run_sandbox.network_ready", sb.id)
             except BaseException:
                 if existing is None:
                     self.state.delete_sandbox(sb.id)
+                if sb.id in self.networks.sandbox_ids():
+                    # The undo of the network failed (a CNI DEL): no RPC names it now.
+                    self._reconciler.mark(sb.id, "the undo of a failed RunPodSandbox left "
+                                          "its network behind")
                 raise
             self.state.put_sandbox(dataclasses.replace(sb, state=SANDBOX_READY))
         log.info("sandbox %s for pod %s/%s/%s is ready", sb.id, sb.tenant, sb.namespace,
@@ -119,20 +135,38 @@ class Pods:
             return  # already gone: success, as the CRI requires
         for c in self.state.containers_of(sandbox_id):
             self.stop_container(c.id, 0)
+        faults.point("stop_sandbox.containers_stopped", sandbox_id)
         with self.state.pod_lock(sandbox_id):
             sb = self.state.sandbox(sandbox_id)
             if sb is not None and sb.state != SANDBOX_NOTREADY:
                 self.state.put_sandbox(dataclasses.replace(sb, state=SANDBOX_NOTREADY))
+            faults.point("stop_sandbox.recorded", sandbox_id)
             self.networks.teardown(sandbox_id)
 
     def remove_sandbox(self, sandbox_id: str) -> None:
         if self.state.sandbox(sandbox_id) is None:
             return
-        for c in self.state.containers_of(sandbox_id):
-            self.remove_container(c.id)
+        self.ensure_reconciled()
         with self.state.pod_lock(sandbox_id):
-            self.networks.teardown(sandbox_id)
-            self.state.delete_sandbox(sandbox_id)
+            self._remove_locked(sandbox_id)
+
+    def _remove_locked(self, sandbox_id: str) -> None:
+        """RemovePodSandbox's steps, the record marked first (so no container is made in
+        it from then on, and a removal cut short is finished by reconcile, a repeated call
+        or the pod's next RunPodSandbox). The caller holds the pod lock."""
+        sb = self.state.sandbox(sandbox_id)
+        if sb is None:
+            return
+        if not sb.removing:
+            self.state.put_sandbox(dataclasses.replace(sb, removing=True,
+                                                       state=SANDBOX_NOTREADY))
+        faults.point("remove_sandbox.recorded", sandbox_id)
+        for c in self.state.containers_of(sandbox_id):
+            self._containers.remove_locked(c.id)
+        faults.point("remove_sandbox.containers_removed", sandbox_id)
+        self.networks.teardown(sandbox_id)
+        faults.point("remove_sandbox.network_removed", sandbox_id)
+        self.state.delete_sandbox(sandbox_id)
         log.info("sandbox %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
 
     # -- containers (containers.py) -------------------------------------------------------
