@@ -110,16 +110,23 @@ class Pods:
                 faults.point("run_sandbox.network_ready", sb.id)
             except BaseException:
                 if existing is None:
-                    self.state.delete_sandbox(sb.id)
-                if sb.id in self.networks.sandbox_ids():
-                    # The undo of the network failed (a CNI DEL): no RPC names it now.
-                    self._reconciler.mark(sb.id, "the undo of a failed RunPodSandbox left "
-                                          "its network behind")
+                    self._undo_new_sandbox(sb.id)
                 raise
             self.state.put_sandbox(dataclasses.replace(sb, state=SANDBOX_READY))
         log.info("sandbox %s for pod %s/%s/%s is ready", sb.id, sb.tenant, sb.namespace,
                  sb.name, extra={"POD_SANDBOX_ID": sb.id})
         return sb.id
+
+    def _undo_new_sandbox(self, sandbox_id: str) -> None:
+        """A new sandbox whose RunPodSandbox failed: its network (whatever setup did not
+        undo itself) and its record go; a network that cannot be torn down now (a CNI
+        DEL failing) is left to reconcile's retries, since no RPC names it any more."""
+        try:
+            self.networks.teardown(sandbox_id)
+        except Exception as e:
+            self._reconciler.mark(sandbox_id, "the undo of a failed RunPodSandbox left its "
+                                  f"network behind: {e}")
+        self.state.delete_sandbox(sandbox_id)
 
     def sandbox(self, sandbox_id: str) -> SandboxRecord:
         sb = self.state.sandbox(sandbox_id)

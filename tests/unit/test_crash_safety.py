@@ -116,14 +116,16 @@ def test_a_failed_run_whose_undo_leaves_a_network_is_retried_without_a_restart(
     sb = sandbox()
 
     def fail_setup(sid: str, *args: object) -> None:
-        env.networks.up.add(sid)  # made in part; its undo failed
+        env.networks.up.add(sid)  # made in part; its undo (CNI DEL) fails
         raise Unavailable("CNI ADD failed (fake)")
 
     env.networks.setup = fail_setup  # type: ignore[method-assign]
+    env.networks.broken.add(sb.id)
     with pytest.raises(Unavailable):
         pods.run_sandbox(sb)
     assert pods.state.sandbox(sb.id) is None
     assert set(pods.reconcile_pending()) == {sb.id}
+    env.networks.broken.clear()
     pods._reconciler._retry_at = 0
     pods._reconciler.retry()
     assert pods.reconcile_pending() == {} and sb.id not in env.networks.up
