@@ -21,6 +21,7 @@ from ..checks import cni_value_problem, shown
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from . import faults
 from .network_state import (
+    ADDING,
     DETACHING,
     NIC_READY,
     READY,
@@ -87,6 +88,15 @@ class NicHotplug:
             st = records.current(sandbox_id)
             if not st.ready:
                 raise FailedPrecondition(f"the network of pod sandbox {sandbox_id} is not ready")
+            cut_short = next((a for a in st.attachments if a.ifname == nic.name
+                              and a.hotplug and a.state == ADDING), None)
+            if cut_short is not None:
+                # An attach of this NIC cut short by a crash (one in progress would hold
+                # the lock): the kubelet's retry rolls it back and attaches afresh.
+                log.info("rolling back NIC %s of %s, its attach cut short, before attaching "
+                         "it again", nic.name, sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+                self.remove(st, nic.name)
+                st = records.current(sandbox_id)
             for att in st.attachments:
                 if att.ifname == nic.name or any(n.name == nic.name for n in att.nics):
                     raise AlreadyExists(f"NIC {nic.name} is already attached to pod sandbox "
