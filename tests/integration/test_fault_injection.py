@@ -243,3 +243,14 @@ def test_a_fault_at_every_step_leaves_nothing_after_a_retry(
         with capsys.disabled():
             for line in lines:
                 print(f"\nfault injection: {line}")
+
+
+def test_faults_are_refused_unless_explicitly_enabled(short_tmp: Path) -> None:
+    """A fault spec alone (no opt-in) stops the daemon at startup with a clear error."""
+    d = Daemon(short_tmp, env={faults.SPEC_ENV: "run_sandbox.netns=crash"})
+    d.start(wait=False)
+    assert d.proc is not None
+    assert d.proc.wait(30) == 1
+    d.stop()
+    assert f"{faults.SPEC_ENV} is a testing aid" in d.output()
+    assert "FAULT INJECTION ARMED" not in d.output()
