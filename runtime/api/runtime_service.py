@@ -53,6 +53,9 @@ class RuntimeServicer:
             info["config"] = json.dumps(self.core.settings.as_dict(), sort_keys=True)
             info["libvirtVersion"] = self.core.health.version
             info["stateSchemaVersion"] = str(self.core.state.store.schema_version)
+            # sandboxes whose reconcile failed and is being retried: id -> reason
+            info["reconcilePending"] = json.dumps(self.core.pods.reconcile_pending(),
+                                                  sort_keys=True)
         return call.pb.StatusResponse(status=status, info=info)
 
     async def UpdateRuntimeConfig(self, request: Any, call: Call) -> Any:

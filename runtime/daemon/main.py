@@ -23,7 +23,8 @@ from ..api.image_service import ImageServicer
 from ..api.pools import Kind, Pools
 from ..api.runtime_service import RuntimeServicer
 from ..config import Settings
-from ..errors import StartupError
+from ..errors import InvalidArgument, StartupError
+from ..service import faults
 from ..service.core import Core
 from ..service.statedir import StateDir
 from . import sockets
@@ -106,6 +107,14 @@ class Daemon:
         pools = Pools()
         watchdog: Watchdog | None = None
         try:
+            try:  # a testing aid, refused unless explicitly enabled (service/faults.py)
+                armed = faults.from_environment(os.environ)
+            except InvalidArgument as e:
+                raise StartupError(str(e)) from e
+            faults.install(armed)
+            if armed:
+                log.warning("FAULT INJECTION ARMED (testing only): %s",
+                            ", ".join(f"{f.point}={f.kind}" for f in armed))
             # Socket problems are found before anything else is set up.
             inherited = sockets.inherited_socket()
             if inherited is None:

@@ -26,7 +26,7 @@ from ..adapters.seed_iso import write_seed_iso
 from ..checks import shown
 from ..config import Settings
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from . import designer
+from . import designer, faults
 from .images import ImageStore
 from .pod_network import PodNetworks
 from .podstate import PodState
@@ -193,6 +193,7 @@ class Containers:
                 self._state.put_container(rec)  # before any side effect: a crash is undone
                 present = self._images.status(image.id) is not None
             try:
+                faults.point("create_container.recorded", sandbox_id)
                 if not present:
                     raise NotFound(f"image {c.image[:200]!r} was removed meanwhile")
                 self._images.mark_used(image.digest)
@@ -201,13 +202,17 @@ class Containers:
                                        net.interfaces, self._domains.instance)
                 plan.files.dir.mkdir(mode=0o711)
                 os.chmod(plan.files.dir, 0o711)  # whatever the umask: QEMU reaches its disks
+                faults.point("create_container.dir", sandbox_id)
                 qemu_img.create_overlay(image.path, image.format, plan.files.root_disk,
                                      plan.root_disk_bytes)
+                faults.point("create_container.overlay", sandbox_id)
                 seed = render_seed(vm, instance_id=cid, hostname=sb.hostname or sb.name,
                                    env=c.envs, network=net.network_info,
                                    template_dirs=self._templates)
                 write_seed_iso(seed, vm.cloud_init_type, plan.files.seed_iso)
+                faults.point("create_container.seed", sandbox_id)
                 self._domains.define_new(cid, render_domain(plan.domain, self._templates))
+                faults.point("create_container.defined", sandbox_id)
             except BaseException:
                 self.undo_create(rec)
                 raise
@@ -236,6 +241,8 @@ class Containers:
             rec = self.container(cid)
             if rec.state == RUNNING:
                 return
+            if rec.removing:
+                raise FailedPrecondition(f"container {cid} is being removed")
             sb = self._state.sandbox(rec.sandbox_id)
             if sb is None or sb.state != SANDBOX_READY:
                 raise FailedPrecondition(f"pod sandbox {rec.sandbox_id} is stopped")
@@ -252,14 +259,18 @@ class Containers:
                 reason="", message="", stop_requested=False)
             assert started is not None  # the pod lock keeps it from being removed
             self.follow_console(started)
+            sid = rec.sandbox_id
             try:
-                self._networks.before_vm_start(rec.sandbox_id)
-                self._domains.start(cid, rec.sandbox_id)
+                faults.point("start_container.recorded", sid)
+                self._networks.before_vm_start(sid)
+                faults.point("start_container.taps", sid)
+                self._domains.start(cid, sid)
             except BaseException:
                 undo()
                 raise
             try:
-                self._networks.after_vm_started(rec.sandbox_id)
+                faults.point("start_container.started", sid)
+                self._networks.after_vm_started(sid)
             except BaseException:
                 # This call started the VM but could not bridge its taps: a VM nobody can
                 # reach, that memory would call RUNNING so a retry would do nothing. Undo
@@ -268,6 +279,7 @@ class Containers:
                 self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY)
                 undo()
                 raise
+            faults.point("start_container.bridged", sid)
         log.info("container %s started", cid, extra={"CONTAINER_ID": cid})
 
     def stop(self, cid: str, timeout: int) -> None:
@@ -289,6 +301,7 @@ class Containers:
         if rec is None or rec.state != RUNNING:
             return
         self._state.set_container(cid, stop_requested=True)
+        faults.point("stop_container.recorded", rec.sandbox_id)
         if timeout > 0:
             self._domains.shutdown(cid, rec.sandbox_id)
             if self._state.wait_until(cid, _not_running, timeout):
@@ -296,6 +309,7 @@ class Containers:
             log.info("VM %s did not power off within %d s; destroying it", cid, timeout,
                      extra={"CONTAINER_ID": cid})
         self._domains.destroy(cid, rec.sandbox_id)
+        faults.point("stop_container.signalled", rec.sandbox_id)
         if not self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY):
             # No event came (libvirt reconnecting?): read the state directly.
             st = self._domains.state(cid)
@@ -314,13 +328,19 @@ class Containers:
             self.remove_locked(cid)
 
     def remove_locked(self, cid: str) -> None:
-        """RemoveContainer's work; the caller holds the container's pod lock."""
+        """RemoveContainer's steps, the record marked first: a removal cut short is
+        finished by reconcile or by the next call. The caller holds the pod lock."""
         rec = self._state.container(cid)
         if rec is None:
             return  # removed while the caller waited for the lock
+        if not rec.removing:
+            rec = self._state.set_container(cid, removing=True) or rec
+        faults.point("remove_container.recorded", rec.sandbox_id)
         self._console.forget(cid)
         self._domains.undefine(cid, rec.sandbox_id)
+        faults.point("remove_container.undefined", rec.sandbox_id)
         shutil.rmtree(rec.vm_dir, ignore_errors=True)
+        faults.point("remove_container.files_removed", rec.sandbox_id)
         self._state.delete_container(cid)
         log.info("container %s removed", cid, extra={"CONTAINER_ID": cid})
 

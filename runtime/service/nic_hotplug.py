@@ -4,7 +4,8 @@ A NIC is one more CNI ADD (CNI_IFNAME = the NIC's name) with its own CNI_ARGS, b
 a tap like the pod's own NICs, given a static DHCP lease, and plugged into the VM's
 definition (and the running VM) when there is one. Every step is recorded before it is
 taken, and undone in reverse on failure; a restart finds an attach cut short by a crash
-in the record (state "adding") and `PodNetworks.restore` rolls it back with `remove`.
+in the record (state "adding") and `PodNetworks.restore_sandbox` rolls it back with
+`remove`; a detach cut short (state "detaching") it finishes the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from ..adapters import libvirt_nics, netns, vmnet
 from ..adapters.domain_xml import render_interface
 from ..checks import cni_value_problem, shown
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from . import faults
 from .network_state import (
+    ADDING,
     DETACHING,
     NIC_READY,
     READY,
@@ -85,6 +88,15 @@ class NicHotplug:
             st = records.current(sandbox_id)
             if not st.ready:
                 raise FailedPrecondition(f"the network of pod sandbox {sandbox_id} is not ready")
+            cut_short = next((a for a in st.attachments if a.ifname == nic.name
+                              and a.hotplug and a.state == ADDING), None)
+            if cut_short is not None:
+                # An attach of this NIC cut short by a crash (one in progress would hold
+                # the lock): the kubelet's retry rolls it back and attaches afresh.
+                log.info("rolling back NIC %s of %s, its attach cut short, before attaching "
+                         "it again", nic.name, sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+                self.remove(st, nic.name)
+                st = records.current(sandbox_id)
             for att in st.attachments:
                 if att.ifname == nic.name or any(n.name == nic.name for n in att.nics):
                     raise AlreadyExists(f"NIC {nic.name} is already attached to pod sandbox "
@@ -105,10 +117,14 @@ class NicHotplug:
             st = records.save(st.with_attachment(att))
             plugged = False
             try:
+                faults.point("attach_nic.recorded", sandbox_id)
                 result = wiring.cni.add(st.config, wiring.rt(st, att))
+                faults.point("attach_nic.cni_added", sandbox_id)
                 st = records.save(st.with_attachment(dataclasses.replace(att, result=result)))
                 st = wiring.wire(st, nic.name, (nic.name,))
+                faults.point("attach_nic.wired", sandbox_id)
                 wiring.restart_dhcp(st)
+                faults.point("attach_nic.dhcp", sandbox_id)
                 if domain_uuid is not None:
                     att = dataclasses.replace(st.attachment(nic.name), domain=domain_uuid)
                     st = records.save(st.with_attachment(att))
@@ -116,6 +132,7 @@ class NicHotplug:
                         plugged = libvirt_nics.attach(self._libvirt(), domain_uuid,
                                                       port.guest_mac, self._xml(port)) or plugged
                     vmnet.move_opened_taps(st.netns, att.ports)
+                faults.point("attach_nic.plugged", sandbox_id)
                 att = dataclasses.replace(st.attachment(nic.name), state=READY)
                 st = records.save(st.with_attachment(att))
             except BaseException:
@@ -150,6 +167,7 @@ class NicHotplug:
                 raise NotFound(f"pod sandbox {sandbox_id} has no NIC {shown(nic_name)}")
             att = dataclasses.replace(att, state=DETACHING, domain=domain_uuid or att.domain)
             st = self._records.save(st.with_attachment(att))
+            faults.point("detach_nic.recorded", sandbox_id)
             self.remove(st, att.ifname)
         log.info("NIC %s detached from %s", nic_name, sandbox_id,
                  extra={"POD_SANDBOX_ID": sandbox_id})
@@ -159,10 +177,12 @@ class NicHotplug:
         domain it records; safe to repeat from any point. The caller holds the lock."""
         records, wiring = self._records, self._wiring
         att = st.attachment(ifname)
+        sid = st.sandbox_id
         if att.domain:
             for port in att.ports:
                 libvirt_nics.detach(self._libvirt(), att.domain, port.guest_mac,
                                     self._xml(port), self._detach_timeout)
+        faults.point("detach_nic.unplugged", sid)
         wired = {p.slot for p in att.ports}
         for port in att.ports:
             vmnet.unwire(st.netns, port)
@@ -174,8 +194,11 @@ class NicHotplug:
                     ifname="", slot=slot, bridge=vmnet.bridge_name(slot),
                     tap=vmnet.tap_name(st.sandbox_id, slot), guest_mac="", mtu=1500))
         st = records.save(st.with_attachment(dataclasses.replace(att, ports=())))
+        faults.point("detach_nic.unwired", sid)
         wiring.restart_dhcp(st)
+        faults.point("detach_nic.dhcp", sid)
         wiring.cni.delete(st.config, wiring.rt(st, att), att.result)
+        faults.point("detach_nic.cni_deleted", sid)
         records.save(st.without_attachment(ifname))
 
     def list_nics(self, sandbox_id: str, domain_uuid: str | None = None) -> list[NicStatus]:

@@ -6,7 +6,7 @@ written before each side effect); the per-sandbox directory under `root` holds o
 artefacts (dnsmasq's configuration, leases and pid). Status answers from memory.
 
 Where the pod lifecycle calls it:
-  daemon start            restore()  (again on libvirt reconnects: it is idempotent)
+  reconciling             restore_sandbox(id) for each sandbox (idempotent)
   RunPodSandbox           setup(sandbox_id, tenant, namespace, name, vm) -> PodNetwork
   CreateContainer         network(sandbox_id): .network_info for render_seed,
                           .interfaces for DomainSpec (every (re)definition of the domain)
@@ -30,8 +30,10 @@ from ..adapters import cni, dhcp, libvirt_nics, netns, vmnet
 from ..adapters.fsutil import make_dirs
 from ..checks import check_id
 from ..errors import AlreadyExists, FailedPrecondition, RuntimeError_
+from . import faults
 from .network_state import (
     ADDING,
+    DETACHING,
     NETNS_PREFIX,
     PRIMARY_IFNAME,
     READY,
@@ -108,6 +110,7 @@ class PodNetworks:
             # before the first side effect: teardown finds whatever follows
             st = records.save(st.with_attachment(att))
             try:
+                faults.point("run_sandbox.network_recorded", sandbox_id)
                 # Ours alone: a namespace of this name that exists already was not made by
                 # this runtime (every one of ours has a record, written before it is made
                 # and forgotten after it is deleted); it may be another runtime's on this
@@ -118,12 +121,17 @@ class PodNetworks:
                 records.forget(sandbox_id)
                 raise
             try:
+                faults.point("run_sandbox.netns", sandbox_id)
                 result = wiring.cni.add(st.config, wiring.rt(st, att))
+                faults.point("run_sandbox.cni_added", sandbox_id)
                 st = records.save(st.with_attachment(dataclasses.replace(att, result=result)))
+                faults.point("run_sandbox.cni_recorded", sandbox_id)
                 st = dataclasses.replace(st, server_address=dhcp.server_address(
                     [ipc.address for ipc in cni.parse_result(result).ips]))
                 st = wiring.wire(st, PRIMARY_IFNAME, ())
+                faults.point("run_sandbox.wired", sandbox_id)
                 wiring.restart_dhcp(st)
+                faults.point("run_sandbox.dhcp", sandbox_id)
                 att = dataclasses.replace(st.attachment(PRIMARY_IFNAME), state=READY)
                 st = records.save(dataclasses.replace(st.with_attachment(att), ready=True))
             except BaseException:
@@ -168,17 +176,21 @@ class PodNetworks:
         log.info("network of %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
 
     def _teardown_locked(self, st: PodState) -> None:
-        # Not ready from here on, even if a CNI DEL fails below: restore() must not bring
+        # Not ready from here on, even if a CNI DEL fails below: restore_sandbox() must not bring
         # DHCP back for a pod half torn down; the next teardown retries the DEL.
         records, wiring = self._records, self._wiring
+        sid = st.sandbox_id
         if st.ready:
             st = records.save(dataclasses.replace(st, ready=False))
+        faults.point("network_teardown.recorded", sid)
         artefacts = wiring.artefacts(st.sandbox_id)
         dhcp.stop(artefacts)
+        faults.point("network_teardown.dhcp_stopped", sid)
         for slot in range(st.next_slot):
             tap = vmnet.tap_name(st.sandbox_id, slot)
             netns.delete_link(tap)
             netns.delete_link(tap, st.netns)
+        faults.point("network_teardown.taps_deleted", sid)
         first: Exception | None = None
         for att in reversed(st.attachments):
             try:
@@ -188,10 +200,12 @@ class PodNetworks:
                           extra={"POD_SANDBOX_ID": st.sandbox_id})
                 first = first or e
                 continue
+            faults.point("network_teardown.cni_deleted", sid)
             st = records.save(st.without_attachment(att.ifname))
         if first is not None:
             raise first
         netns.delete(st.netns)
+        faults.point("network_teardown.netns_deleted", sid)
         # the artefacts go first: a crash in between leaves a record whose teardown repeats
         shutil.rmtree(artefacts, ignore_errors=True)
         records.forget(st.sandbox_id)
@@ -217,18 +231,24 @@ class PodNetworks:
             log.debug("moved taps %s into %s", moved, st.netns,
                       extra={"POD_SANDBOX_ID": sandbox_id})
 
-    def restore(self) -> None:
-        """Daemon start: bring each pod network back to its steady state.
+    def restore_sandbox(self, sandbox_id: str) -> None:
+        """Reconciling: brings one pod network back to its steady state; raises when that
+        fails (the caller retries later).
 
         dnsmasq is restarted where it is not running (systemd ends it with the daemon);
         taps QEMU opened while the daemon was down are bridged; a hot-plug cut short by a
-        crash is rolled back (its DEL run). A network whose namespace vanished (host
-        reboot) is left for teardown, which still runs its DEL.
+        crash is rolled back (its DEL run), a hot-unplug cut short finished. A network
+        whose namespace vanished (host reboot) is left for teardown, which still runs its
+        DEL.
         """
+        with self._records.locked(sandbox_id):
+            self._restore_locked(sandbox_id)
+
+    def restore(self) -> None:
+        """restore_sandbox for every pod network, each failure logged."""
         for sandbox_id in self.sandbox_ids():
             try:
-                with self._records.locked(sandbox_id):
-                    self._restore_locked(sandbox_id)
+                self.restore_sandbox(sandbox_id)
             except Exception:
                 log.exception("restoring the network of %s failed", sandbox_id,
                               extra={"POD_SANDBOX_ID": sandbox_id})
@@ -241,18 +261,25 @@ class PodNetworks:
             log.warning("network namespace %s of %s is gone; teardown will run its CNI DEL",
                         st.netns, sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
             return
-        for att in [a for a in st.attachments if a.hotplug and a.state == ADDING]:
-            log.info("rolling back NIC %s of %s: its attach was cut short",
-                     att.ifname, sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+        failed: Exception | None = None
+        for att in [a for a in st.attachments
+                    if a.hotplug and a.state in (ADDING, DETACHING)]:
+            log.info("%s NIC %s of %s: its %s was cut short",
+                     "rolling back" if att.state == ADDING else "finishing the detach of",
+                     att.ifname, sandbox_id, "attach" if att.state == ADDING else "detach",
+                     extra={"POD_SANDBOX_ID": sandbox_id})
             try:
                 self._nics.remove(self._records.current(sandbox_id), att.ifname)
-            except Exception:  # the pod's other NICs still need their taps/DHCP
-                log.exception("rolling back NIC %s of %s failed", att.ifname,
+            except Exception as e:  # the pod's other NICs still need their taps/DHCP
+                log.exception("removing NIC %s of %s failed", att.ifname,
                               sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
+                failed = failed or e
         st = self._records.current(sandbox_id)
         vmnet.move_opened_taps(st.netns, st.ports())
         if not dhcp.running(self._wiring.artefacts(sandbox_id)):
             self._wiring.restart_dhcp(st)
+        if failed is not None:
+            raise failed
 
     # -- NICs (nic_hotplug) ---------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from ..adapters.libvirt_domains import Domains
 from ..checks import check_hostname, check_id, is_hostname, shown
 from ..config import Settings
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
+from . import faults
 from .containers import ContainerInput, Containers, now_ns
 from .images import ImageStore
 from .network_state import NicStatus
@@ -47,6 +48,11 @@ def _not_ready(sb: SandboxRecord) -> SandboxRecord | None:
         sb, state=SANDBOX_NOTREADY)
 
 
+def _removing(sb: SandboxRecord) -> SandboxRecord | None:
+    return None if sb.removing else dataclasses.replace(
+        sb, removing=True, state=SANDBOX_NOTREADY)
+
+
 class Pods:
     def __init__(self, settings: Settings, store: Store, domains: Domains, images: ImageStore,
                  networks: PodNetworks, vm_root: Path, template_dirs: Sequence[Path]) -> None:
@@ -62,7 +68,7 @@ class Pods:
                                       self.ensure_reconciled, self.quotas)
         self._domains = domains
         self._reconciler = Reconciler(self.state, domains, networks, self.console,
-                                      self._containers)
+                                      self._containers, self._remove_locked)
 
     def ensure_reconciled(self) -> None:
         """Called before every mutation: waits until reconciled."""
@@ -73,7 +79,12 @@ class Pods:
         self._reconciler.start()
 
     def reconcile(self) -> None:
-        self._reconciler.reconcile()
+        """Both phases of reconcile now (the daemon runs them in the background)."""
+        self._reconciler.settle()
+
+    def reconcile_pending(self) -> dict[str, str]:
+        """The sandboxes whose reconcile failed, waiting for a retry, with the reason."""
+        return self._reconciler.pending()
 
     def close(self) -> None:
         """At shutdown: the consoles copied and their offsets saved. VMs keep running."""
@@ -93,6 +104,10 @@ class Pods:
         self.quotas.check_annotations(sb.annotations)
         with self.state.pod_lock(sb.id):
             existing = self.state.sandbox(sb.id)
+            if existing is not None and existing.removing:
+                # A RemovePodSandbox cut short: finished before the pod runs again.
+                self._remove_locked(sb.id)
+                existing = None
             if existing is not None and existing.state == SANDBOX_READY:
                 return existing.id  # a repeated call: the same answer
             # New, or stopped before: sandbox id = pod UID, so the kubelet's next attempt
@@ -107,16 +122,29 @@ class Pods:
             else:
                 self.state.change_sandbox(sb.id, lambda _: sb)
             try:
+                faults.point("run_sandbox.recorded", sb.id)
                 self.networks.setup(sb.id, sb.tenant, sb.namespace, sb.name, net_config)
+                faults.point("run_sandbox.network_ready", sb.id)
             except BaseException:
                 if existing is None:
-                    self.state.delete_sandbox(sb.id)
+                    self._undo_new_sandbox(sb.id)
                 raise
             self.state.change_sandbox(sb.id, lambda now: dataclasses.replace(
                 now, state=SANDBOX_READY))
         log.info("sandbox %s for pod %s/%s/%s is ready", sb.id, sb.tenant, sb.namespace,
                  sb.name, extra={"POD_SANDBOX_ID": sb.id})
         return sb.id
+
+    def _undo_new_sandbox(self, sandbox_id: str) -> None:
+        """A new sandbox whose RunPodSandbox failed: its network (whatever setup did not
+        undo itself) and its record go; a network that cannot be torn down now (a CNI
+        DEL failing) is left to reconcile's retries, since no RPC names it any more."""
+        try:
+            self.networks.teardown(sandbox_id)
+        except Exception as e:
+            self._reconciler.mark(sandbox_id, "the undo of a failed RunPodSandbox left its "
+                                  f"network behind: {e}")
+        self.state.delete_sandbox(sandbox_id)
 
     def sandbox(self, sandbox_id: str) -> SandboxRecord:
         sb = self.state.sandbox(sandbox_id)
@@ -137,8 +165,10 @@ class Pods:
             # finds the sandbox stopped; the record is read here, never before the lock.
             if self.state.change_sandbox(sandbox_id, _not_ready) is None:
                 return  # removed meanwhile
+            faults.point("stop_sandbox.recorded", sandbox_id)
             for c in self.state.containers_of(sandbox_id):
                 self._containers.stop_locked(c.id, 0)
+            faults.point("stop_sandbox.containers_stopped", sandbox_id)
             self.networks.teardown(sandbox_id)
         for c in self.state.containers_of(sandbox_id):
             self._containers.flush_console(c.id)
@@ -149,16 +179,25 @@ class Pods:
         if self.state.containers_of(sandbox_id):
             self.ensure_reconciled()  # as the container calls do
         # One hold of the pod lock from the mark to the delete: a CreateContainer either
-        # finished before (its VM is removed here) or finds the sandbox stopped or gone;
+        # finished before (its VM is removed here) or finds the sandbox removing or gone;
         # before, a VM created between the listing of the containers and the lock
         # outlived its sandbox (issue 9 item 8).
         with self.state.pod_lock(sandbox_id):
-            if self.state.change_sandbox(sandbox_id, _not_ready) is None:
-                return
-            for c in self.state.containers_of(sandbox_id):
-                self._containers.remove_locked(c.id)
-            self.networks.teardown(sandbox_id)
-            self.state.delete_sandbox(sandbox_id)
+            self._remove_locked(sandbox_id)
+
+    def _remove_locked(self, sandbox_id: str) -> None:
+        """RemovePodSandbox's steps, the record marked first (so no container is made in
+        it from then on, and a removal cut short is finished by reconcile, a repeated call
+        or the pod's next RunPodSandbox). The caller holds the pod lock."""
+        if self.state.change_sandbox(sandbox_id, _removing) is None:
+            return
+        faults.point("remove_sandbox.recorded", sandbox_id)
+        for c in self.state.containers_of(sandbox_id):
+            self._containers.remove_locked(c.id)
+        faults.point("remove_sandbox.containers_removed", sandbox_id)
+        self.networks.teardown(sandbox_id)
+        faults.point("remove_sandbox.network_removed", sandbox_id)
+        self.state.delete_sandbox(sandbox_id)
         log.info("sandbox %s removed", sandbox_id, extra={"POD_SANDBOX_ID": sandbox_id})
 
     # -- containers (containers.py) -------------------------------------------------------

@@ -42,6 +42,9 @@ class SandboxRecord(_Record):
     hostname: str = ""
     log_directory: str = ""
     runtime_handler: str = ""
+    #: RemovePodSandbox began (written before its first step): no container may be made
+    #: in it any more, and reconcile or a repeated call finishes the removal
+    removing: bool = False
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -70,5 +73,7 @@ class ContainerRecord(_Record):
     memory_limit_in_bytes: int = 0
     console_offset: int = 0
     stop_requested: bool = False
+    #: RemoveContainer began (written before its first step); reconcile finishes it
+    removing: bool = False
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)

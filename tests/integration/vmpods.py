@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import re
+import sqlite3
 import subprocess
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 from arktos_vm_runtime.adapters import vmnet
 from tests.daemon_proc import Daemon
-from tests.integration.test_network_common import PLUGINS, CniTestNet
+from tests.integration.test_network_common import PLUGINS, CniTestNet, ipj, link_names
 
 CRI_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z stdout [FP] .*$")
 
@@ -138,3 +139,44 @@ def vm_runtime(tmp: Path, net: CniTestNet, *args: str) -> Daemon:
     return Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir,
                   args=["--disable-kvm", "--image-download-protocol", "http",
                         "--cni-bin-dir", str(PLUGINS), *args])
+
+
+def dnsmasq_of(state_dir: str) -> list[int]:
+    """The dnsmasq processes serving pods of the daemon with this state directory."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "dnsmasq" in cmd and state_dir in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def instance_leftovers(d: Daemon, net: CniTestNet, cids: list[str]) -> list[str]:
+    """What this daemon instance made and has not removed, one 'kind what' each: domains
+    (of these container ids), VM files (overlays, seed ISOs), network artefacts, pod
+    namespaces and taps (of this test process's pods), veths on the test CNI bridge,
+    dnsmasq processes, host-local addresses, and records in the store."""
+    found: list[str] = []
+    names = set(domain_names())
+    found += [f"domain avr-{cid}" for cid in cids if f"avr-{cid}" in names]
+    state = Path(d.state_dir)
+    found += [f"vm file {f}" for f in (state / "vms").rglob("*")]
+    found += [f"network artefact {f}" for f in (state / "networks").rglob("*")]
+    found += [f"netns {n}" for n in own_netns_names()]
+    found += [f"tap {n}" for n in own_taps(link_names())]
+    probe_peer = f"avrpv{net.tag}"
+    found += [f"veth {link['ifname']}" for link in ipj("link", "show", "master", net.bridge)
+              if link["ifname"] != probe_peer]
+    found += [f"dnsmasq pid {p}" for p in dnsmasq_of(d.state_dir)]
+    found += [f"host-local lease {f}" for f in net.ip_files()]
+    db = sqlite3.connect(f"file:{state}/state.db?mode=ro", uri=True)
+    try:
+        for table in ("sandboxes", "containers", "networks"):
+            found += [f"{table} record {r[0]}"
+                      for r in db.execute(f"SELECT id FROM {table}").fetchall()]
+    finally:
+        db.close()
+    return found

@@ -108,8 +108,8 @@ class FakeNetworks:
     def sandbox_ids(self) -> list[str]:
         return sorted(self.up)
 
-    def restore(self) -> None:
-        self.calls.append(("restore", ""))
+    def restore_sandbox(self, sid: str) -> None:
+        self.calls.append(("restore", sid))
 
     def before_vm_start(self, sid: str) -> None:
         self.calls.append(("before_vm_start", sid))
@@ -314,7 +314,8 @@ def test_restart_adopts_running_vm_and_rolls_back_half_made(env: Env) -> None:
     assert not (env.root / "vms" / "half").exists()
     g = again.container(ghost.id)
     assert (g.state, g.reason) == (EXITED, "DomainMissing")
-    assert ("restore", "") in env.networks.calls
+    again.reconcile()  # the second phase (the daemon runs it in the background)
+    assert ("restore", sb.id) in env.networks.calls
     again.remove_sandbox(sb.id)
     again.remove_container(ghost.id)
 
