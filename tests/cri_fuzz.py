@@ -242,13 +242,16 @@ def leaf_paths(desc: Descriptor, depth: int = 0,
 @dataclasses.dataclass(frozen=True)
 class Mutation:
     """One change to a request: `path` names a field at any depth; `action` is "set"
-    (replace it with `value`), "clear", or "extend" (add map entries to the valid ones)."""
+    (replace it with `value`), "clear", "extend" (add map entries to the valid ones), or
+    "keep" (the valid request as it is: a StartContainer of a real VM, say)."""
 
     path: tuple[str, ...]
     action: str
     value: Any = None
 
     def apply(self, msg: Message) -> Message:
+        if self.action == "keep":
+            return msg
         node = msg
         for name in self.path[:-1]:
             node = getattr(node, name)
@@ -265,6 +268,8 @@ class Mutation:
 @st.composite
 def _mutation(draw: Any, desc: Descriptor,
               paths: Sequence[tuple[FieldDescriptor, ...]]) -> Mutation:
+    if draw(st.integers(0, 7)) == 0:
+        return Mutation((), "keep")
     path = draw(st.sampled_from(paths))
     fd = path[-1]
     owner = path[-2].message_type if len(path) > 1 else desc
