@@ -184,7 +184,7 @@ class Containers:
             try:
                 # The record now pins the image (image_in_use); a RemoveImage that ran
                 # between the lookup above and here has taken the bytes away.
-                if self._images.status(image.id) is None:
+                if not self._images.still_stored(image.id):
                     raise NotFound(f"image {c.image[:200]!r} was removed meanwhile")
                 net = self._networks.network(sandbox_id)
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),

@@ -227,6 +227,12 @@ class ImageStore:
         assert digest is not None
         return self._record(mem, digest) if digest in mem.blobs else None
 
+    def still_stored(self, image_id: str) -> bool:
+        """Whether ``image_id``'s content is stored, in order with remove(): who pinned it
+        first (a container record) learns it is gone or keeps it while pinned."""
+        with self._write_lock:
+            return self.status(image_id) is not None
+
     def list(self) -> list[ImageRecord]:
         """One record per stored blob, sorted by id; names are all names pointing at it."""
         mem = self._snapshot()
@@ -373,17 +379,15 @@ class ImageStore:
                 names = mem.names_of(digest)
             for n in names:
                 self._drop_name(n)
+            # in_use (pods' memory only) under the write lock: see still_stored
             if not self._unnamed_blob(digest):
                 return
-        # Asked with no lock held: in_use takes the pods' lock.
-        if in_use(digest):
-            log.info("image sha256:%s has no name left but is in use; blob kept", digest)
-            return
-        with self._write_lock:
-            if self._unnamed_blob(digest):
-                self._blobs.remove(digest)
-                self._swap(self._snapshot().without_blob(digest))
-                log.info("image sha256:%s removed", digest)
+            if in_use(digest):
+                log.info("image sha256:%s has no name left but is in use; blob kept", digest)
+                return
+            self._blobs.remove(digest)
+            self._swap(self._snapshot().without_blob(digest))
+            log.info("image sha256:%s removed", digest)
 
     def _unnamed_blob(self, digest: str) -> bool:
         mem = self._snapshot()

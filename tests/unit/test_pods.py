@@ -55,13 +55,16 @@ class FakeImage:
 
 
 class FakeImages:
-    """ImageStore's `status` over one real qcow2 file."""
+    """ImageStore's `status` and `still_stored` over one real qcow2 file."""
 
     def __init__(self, path: Path) -> None:
         self.image = FakeImage("sha256:" + "ab" * 32, path, 64 << 20)
 
     def status(self, name: str) -> FakeImage | None:
         return self.image if name in ("img", self.image.id) else None
+
+    def still_stored(self, image_id: str) -> bool:
+        return self.status(image_id) is not None
 
 
 @dataclasses.dataclass(frozen=True)
