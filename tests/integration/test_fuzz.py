@@ -60,9 +60,11 @@ WORKERS = 4  # concurrent senders in the shuffled rounds
 LIVE_SANDBOXES = 4  # the harness removes the oldest beyond this
 CALL_TIMEOUT = 60.0
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-# RSS the daemon may gain over the campaign after warm-up (measured: see the report printed).
+# RSS the daemon may gain over the campaign after warm-up. Measured: +11 to +21 MB over
+# 12,617 requests and +19 MB over 35,557 (allocator and caches settling, not growth per
+# call); 64 MB fails a leak of a few kB per request and leaves three times the noise.
 RSS_BOUND_KB = 64 * 1024
-FD_SLACK = 4
+FD_SLACK = 4  # measured: 23 -> 23
 
 
 def _rss_kb(pid: int) -> int:
