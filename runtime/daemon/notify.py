@@ -2,6 +2,9 @@
 
 Implemented on a plain datagram socket (the protocol is one datagram per message) so it
 works the same under systemd, systemd-socket-activate, and a test's own NOTIFY_SOCKET.
+The socket never blocks: STATUS= is sent from the serving loop, and a reader that lags
+(PID 1 busy, a full receive queue: net.unix.max_dgram_qlen is 10 on some hosts) would
+otherwise stop the daemon answering. A message that does not fit is dropped and said once.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ class Notifier:
             address = "\0" + address[1:]
         self._address = address or None
         self._sock: socket.socket | None = None
+        self._failing = False  # the last send failed: the next failure is not logged again
         if self._address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                       | socket.SOCK_NONBLOCK)
         self.watchdog_usec = _watchdog_usec(env)
 
     @property
@@ -34,8 +39,15 @@ class Notifier:
             return
         try:
             self._sock.sendto("\n".join(lines).encode(), self._address)
-        except OSError as e:  # systemd gone or socket full: never fatal for the daemon
-            log.warning("sd_notify to %s failed: %s", self._address.lstrip("\0"), e)
+        except OSError as e:  # systemd gone or its queue full: never fatal, never blocking
+            if not self._failing:
+                log.warning("sd_notify to %s failed (%s); dropping messages until it works",
+                            self._address.lstrip("\0"), e)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("sd_notify to %s works again", self._address.lstrip("\0"))
+            self._failing = False
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
