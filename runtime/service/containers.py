@@ -97,6 +97,8 @@ class Containers:
         self._templates = list(template_dirs)
         self._ensure_reconciled = ensure_reconciled
         self._quotas = quotas
+        #: called with the id of each container removed (its VM's snapshot rows go)
+        self.on_removed: list[Callable[[str], None]] = []
         domains.watch(self._on_event)
 
     # -- reads ----------------------------------------------------------------------------
@@ -318,6 +320,8 @@ class Containers:
         self._domains.undefine(cid, rec.sandbox_id)
         shutil.rmtree(rec.vm_dir, ignore_errors=True)
         self._state.delete_container(cid)
+        for hook in self.on_removed:
+            hook(cid)
         log.info("container %s removed", cid, extra={"CONTAINER_ID": cid})
 
     def reopen_log(self, cid: str) -> None:

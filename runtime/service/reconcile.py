@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..adapters.console_log import ConsoleLogs
@@ -25,12 +26,14 @@ log = logging.getLogger(__name__)
 
 class Reconciler:
     def __init__(self, state: PodState, domains: Domains, networks: PodNetworks,
-                 console: ConsoleLogs, containers: Containers) -> None:
+                 console: ConsoleLogs, containers: Containers,
+                 after: Sequence[Callable[[], None]] = ()) -> None:
         self._state = state
         self._domains = domains
         self._networks = networks
         self._console = console
         self._containers = containers
+        self._after = list(after)  # more reconciling once the containers are (snapshots)
         self._done = False
         self._lock = threading.Lock()  # held while reconciling: mutations wait on it
         self._start_lock = threading.Lock()
@@ -88,6 +91,8 @@ class Reconciler:
                         "sandbox record)", sid, extra={"POD_SANDBOX_ID": sid})
             self._networks.teardown(sid)
         self._networks.restore()
+        for step in self._after:
+            step()
         self._done = True
         log.info("reconciled %d sandboxes and %d containers with libvirt",
                  len(known), len(self._state.containers()))
