@@ -81,8 +81,9 @@ class DomainSnapshots:
             return _state_of(snap.getXMLDesc(0))
 
     def revert(self, uuid: str, sandbox_id: str, name: str) -> None:
-        """Brings a running VM back to snapshot `name` in place (QEMU's loadvm: the same
-        QEMU process, so its taps and console stay); the VM runs on afterwards."""
+        """Brings the VM back to snapshot `name`; the VM runs afterwards. libvirt 9.0 kills
+        a running QEMU and starts a new one with -loadvm: the caller stops the VM first
+        and prepares its taps as for a start."""
         dom = self._dom(uuid, sandbox_id, "restoring")
         with call(f"looking up snapshot {name!r} of the VM", uuid):  # NotFound if none
             snap = dom.snapshotLookupByName(name, 0)

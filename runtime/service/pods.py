@@ -62,7 +62,8 @@ class Pods:
                                       self.console, vm_root, template_dirs,
                                       self.ensure_reconciled, self.quotas)
         self._domains = domains
-        self.snapshots = Snapshots(store, self.state, domains, self.ensure_reconciled)
+        self.snapshots = Snapshots(store, self.state, domains, self._containers,
+                                   self.ensure_reconciled)
         self._containers.on_removed.append(self.snapshots.forget)
         self._reconciler = Reconciler(self.state, domains, networks, self.console,
                                       self._containers, after=[self.snapshots.reconcile])

@@ -4,10 +4,13 @@ snapshots, adapters/libvirt_snapshots), listed in the state store's `snapshots` 
 
 - A running VM (or one paused from outside) is snapshotted with its memory and device
   state; a stopped VM (created, or exited) with its disks only.
-- Restore of a running VM loads the snapshot into the same QEMU process: the guest
-  continues from the snapshot's moment, its taps, network namespace and console as they
-  are, so it answers on its CNI address as before. A snapshot of a stopped VM cannot be
-  loaded into a running one (FAILED_PRECONDITION: stop the VM first).
+- Restore of a running VM: libvirt (9.0) loads an internal snapshot only into a new QEMU
+  (-loadvm), so the old QEMU is stopped, the VM's taps made again and, once the new QEMU
+  opened them, bridged in the pod namespace as at StartContainer (containers.restart_locked);
+  the guest continues from the snapshot's moment with its NICs' MACs and addresses, so it
+  answers on its CNI address as before. The container stays RUNNING throughout. A
+  snapshot of a stopped VM cannot be loaded into a running one (FAILED_PRECONDITION:
+  stop the VM first).
 - Restore of a stopped VM sets its root disk back (qemu-img); the next StartContainer
   boots from that disk: a stopped VM has no memory state to go back to.
 - The row is written (CREATING) before libvirt is asked and marked READY after, so
@@ -28,7 +31,7 @@ from ..adapters.libvirt_domains import Domains
 from ..adapters.libvirt_snapshots import SHUTOFF, DomainSnapshots
 from ..checks import check_id, shown
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .containers import now_ns
+from .containers import Containers, now_ns
 from .designer import VmFiles
 from .podstate import PodState
 from .records import CREATING, ContainerRecord
@@ -70,8 +73,9 @@ def check_flags(method: str, flags: int) -> None:
 
 class Snapshots:
     def __init__(self, store: Store, state: PodState, domains: Domains,
-                 ensure_reconciled: Callable[[], None]) -> None:
+                 containers: Containers, ensure_reconciled: Callable[[], None]) -> None:
         self._store = store
+        self._containers = containers
         self._state = state
         self._domains = domains
         self._libvirt = DomainSnapshots(domains)
@@ -138,7 +142,9 @@ class Snapshots:
                     raise FailedPrecondition(
                         f"snapshot {snapshot_id} of VM {cid} was taken while the VM was "
                         "stopped (disks only); stop the VM to restore it")
-                self._libvirt.revert(cid, rec.sandbox_id, snapshot_id)
+                self._containers.restart_locked(
+                    cid, lambda: self._libvirt.revert(cid, rec.sandbox_id, snapshot_id),
+                    "Restore")
             else:
                 qemu_img.apply_snapshot(VmFiles(Path(rec.vm_dir)).root_disk, snapshot_id)
         log.info("VM %s restored to snapshot %s (the VM was %s)", cid, snapshot_id, st.state,
