@@ -269,7 +269,7 @@ class Domains:
                 if e.context.get("libvirt_code") != libvirt.VIR_ERR_INVALID_ARG:
                     raise
                 with call("removing the VM", uuid):
-                    dom.undefine()
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
     def ours(self) -> list[OurDomain]:
         """Every domain with our prefix: one libvirt scan, used at startup only."""
