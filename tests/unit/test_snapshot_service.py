@@ -17,14 +17,12 @@ from arktos_vm_runtime.adapters.libvirt_snapshots import snapshot_disks, snapsho
 from arktos_vm_runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from arktos_vm_runtime.service.records import EXITED, RUNNING
 from arktos_vm_runtime.service.snapshots import SNAP_CREATING, SnapshotRecord
-from tests.unit.test_pods import (  # noqa: F401 - fixtures
-    URI,
-    Env,
-    base_image,
-    container_input,
-    env,
-    sandbox,
-)
+from tests.unit import test_pods
+from tests.unit.test_pods import URI, Env, container_input, sandbox
+
+# The fixtures of test_pods, shared.
+env = test_pods.env
+base_image = test_pods.base_image
 
 GOLDEN = Path(__file__).parent / "golden"
 
