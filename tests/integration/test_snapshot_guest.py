@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,8 +133,6 @@ class Guest:
 def guest() -> Iterator[Guest]:
     """ONE Debian guest for the module, booted once."""
     require_libvirtd()
-    import shutil
-    import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="avr-", dir="/tmp"))
     tmp.chmod(0o711)
     (tmp / "img").mkdir()

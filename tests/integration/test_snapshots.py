@@ -169,11 +169,24 @@ def test_snapshots_of_the_minimal_guest(short_tmp: Path, cni_net: CniTestNet,
         restore(rt, cid, "snap-1")
         assert [r["snapshot_id"] for r in snapshot_rows(d.state_dir, cid)] == ["snap-1"]
 
+        # -- a VM paused from outside: snapshotted as it is, running after a restore -----
+        virsh = ["virsh", "-c", "qemu:///system"]
+        subprocess.run([*virsh, "suspend", f"avr-{cid}"], check=True, capture_output=True)
+        create(rt, cid, "paused-1")
+        rows = {r["snapshot_id"]: r["vm_state"] for r in snapshot_rows(d.state_dir, cid)}
+        assert rows == {"snap-1": "running", "paused-1": "paused"}
+        restore(rt, cid, "paused-1")
+        assert subprocess.run([*virsh, "domstate", f"avr-{cid}"], capture_output=True,
+                              text=True).stdout.strip() == "running"
+        st = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid),
+                                timeout=10).status
+        assert st.state == pb.CONTAINER_RUNNING
+
         # -- a stopped VM: disks only; restore sets the disk back -------------------------
         rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=0), timeout=60)
         create(rt, cid, "stopped-1")
         rows = {r["snapshot_id"]: r["vm_state"] for r in snapshot_rows(d.state_dir, cid)}
-        assert rows == {"snap-1": "running", "stopped-1": "shutoff"}
+        assert rows == {"snap-1": "running", "paused-1": "paused", "stopped-1": "shutoff"}
         assert disk_snapshots(disk)["stopped-1"] == 0, "no memory state of a stopped VM"
         restore(rt, cid, "snap-1")  # disk state only: the VM stays stopped
         st = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=cid),
