@@ -19,7 +19,7 @@ from ..errors import FailedPrecondition, NotFound, RuntimeError_, Unavailable
 log = logging.getLogger(__name__)
 
 # The codes callers act on; every other libvirt error means libvirt could not do it now.
-_NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN}
+_NOT_FOUND = {libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT}
 _WRONG_STATE = {libvirt.VIR_ERR_OPERATION_INVALID}
 
 

@@ -181,6 +181,11 @@ class Domains:
                     extra={"CONTAINER_ID": uuid, "POD_SANDBOX_ID": sandbox_id})
         return None
 
+    def owned(self, uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
+        """The domain, if it is this instance's domain of `sandbox_id` (for the adapters that
+        act on our domains, as snapshots); None otherwise, logged when it is not ours."""
+        return self._owned(uuid, sandbox_id, what)
+
     def foreign(self, uuid: str, sandbox_id: str) -> bool:
         """Whether libvirt has a domain with this UUID that is not this instance's domain
         of `sandbox_id` (for callers outside this class that act on it, as NIC hot-plug)."""
@@ -264,7 +269,7 @@ class Domains:
                 if e.context.get("libvirt_code") != libvirt.VIR_ERR_INVALID_ARG:
                     raise
                 with call("removing the VM", uuid):
-                    dom.undefine()
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
 
     def ours(self) -> list[OurDomain]:
         """Every domain with our prefix: one libvirt scan, used at startup only."""

@@ -135,3 +135,10 @@ def create_overlay(base: Path, base_format: str, dest: Path, size_bytes: int) ->
               str(tmp), str(size_bytes)], timeout=TIMEOUT, what="qemu-img create",
              limits=LIMITS)
     tmp.rename(dest)
+
+
+def apply_snapshot(disk: Path, name: str) -> None:
+    """Sets the disk of a stopped VM back to its internal snapshot `name` (disk state only;
+    `qemu-img snapshot -a`). The name is a checked id; it travels as one argv element."""
+    proc.run([QEMU_IMG, "snapshot", "-a", name, str(disk)], timeout=TIMEOUT,
+             what=f"qemu-img snapshot -a on {disk.name}")

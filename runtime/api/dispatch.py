@@ -48,7 +48,7 @@ _QUIET = {"Version", "Status", "ListPodSandbox", "ListContainers", "ListImages",
 MAX_DETAIL = 1024
 # Request fields copied into the journal entry of a call.
 _ID_FIELDS = {"pod_sandbox_id": "POD_SANDBOX_ID", "container_id": "CONTAINER_ID",
-              "vm_id": "CONTAINER_ID", "vmID": "CONTAINER_ID"}
+              "vm_id": "CONTAINER_ID", "vmID": "CONTAINER_ID", "snapshotID": "SNAPSHOT_ID"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,6 +97,11 @@ class Containers:
         self._templates = list(template_dirs)
         self._ensure_reconciled = ensure_reconciled
         self._quotas = quotas
+        #: called with the id of each container removed (its VM's snapshot rows go)
+        self.on_removed: list[Callable[[str], None]] = []
+        # VMs whose QEMU this runtime replaces on purpose (restart_locked): the stop event of
+        # the old QEMU is swallowed (set), so the container never flickers EXITED.
+        self._quiet: dict[str, threading.Event] = {}
         domains.watch(self._on_event)
 
     # -- reads ----------------------------------------------------------------------------
@@ -117,6 +122,10 @@ class Containers:
 
     def _on_event(self, ev: LifecycleEvent) -> None:
         stopped = False
+        quiet = self._quiet.get(ev.uuid)
+        if ev.stopped and quiet is not None and not quiet.is_set():
+            quiet.set()
+            return
 
         def change(rec: ContainerRecord) -> ContainerRecord | None:
             nonlocal stopped
@@ -319,6 +328,32 @@ class Containers:
                     reason="Killed", message="VM destroyed") if r.state == RUNNING
                     else None)
 
+    def restart_locked(self, cid: str, start: Callable[[], None], why: str) -> None:
+        """Replaces the running QEMU of `cid` by the one `start()` starts (a snapshot restore:
+        libvirt loads a snapshot's memory only into a new QEMU), its taps made again and
+        bridged as at StartContainer; the container stays RUNNING throughout. The caller
+        holds the pod lock. On failure the VM is left stopped and shows EXITED."""
+        rec = self._state.container(cid)
+        assert rec is not None  # the pod lock keeps it
+        old_stopped = threading.Event()
+        self._quiet[cid] = old_stopped
+        try:
+            self._domains.destroy(cid, rec.sandbox_id)
+            old_stopped.wait(STOP_AFTER_DESTROY)  # its event swallowed, not taken for a stop
+        finally:
+            self._quiet.pop(cid, None)
+        try:
+            self._networks.before_vm_start(rec.sandbox_id)
+            start()
+            self._networks.after_vm_started(rec.sandbox_id)
+        except BaseException as e:
+            self._domains.destroy(cid, rec.sandbox_id)
+            message = getattr(e, "message", str(e))[:500]
+            self._state.change_container(cid, lambda r: dataclasses.replace(
+                r, state=EXITED, finished_at=now_ns(), exit_code=1, reason=f"{why}Failed",
+                message=message) if r.state == RUNNING else None)
+            raise
+
     def remove(self, cid: str) -> None:
         self._ensure_reconciled()
         rec = self._state.container(cid)
@@ -342,6 +377,8 @@ class Containers:
         shutil.rmtree(rec.vm_dir, ignore_errors=True)
         faults.point("remove_container.files_removed", rec.sandbox_id)
         self._state.delete_container(cid)
+        for hook in self.on_removed:
+            hook(cid)
         log.info("container %s removed", cid, extra={"CONTAINER_ID": cid})
 
     def reopen_log(self, cid: str) -> None:

@@ -31,6 +31,7 @@ from .podstate import PodState
 from .quotas import Quotas
 from .reconcile import Reconciler
 from .records import CREATING, SANDBOX_NOTREADY, SANDBOX_READY, ContainerRecord, SandboxRecord
+from .snapshots import Snapshots
 from .store import Store
 from .vmconfig import parse_vm_config
 
@@ -67,8 +68,12 @@ class Pods:
                                       self.console, vm_root, template_dirs,
                                       self.ensure_reconciled, self.quotas)
         self._domains = domains
+        self.snapshots = Snapshots(store, self.state, domains, self._containers,
+                                   self.ensure_reconciled)
+        self._containers.on_removed.append(self.snapshots.forget)
         self._reconciler = Reconciler(self.state, domains, networks, self.console,
-                                      self._containers, self._remove_locked)
+                                      self._containers, self._remove_locked,
+                                      after=[self.snapshots.reconcile])
 
     def ensure_reconciled(self) -> None:
         """Called before every mutation: waits until reconciled."""

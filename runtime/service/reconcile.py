@@ -23,7 +23,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..adapters.console_log import ConsoleLogs
@@ -45,13 +45,15 @@ Found = Mapping[str, OurDomain | None]  # container id -> its domain, None when 
 class Reconciler:
     def __init__(self, state: PodState, domains: Domains, networks: PodNetworks,
                  console: ConsoleLogs, containers: Containers,
-                 remove_sandbox: Callable[[str], None]) -> None:
+                 remove_sandbox: Callable[[str], None],
+                 after: Sequence[Callable[[], None]] = ()) -> None:
         self._state = state
         self._domains = domains
         self._networks = networks
         self._console = console
         self._containers = containers
         self._remove_sandbox = remove_sandbox  # finishes a removal; pod lock held
+        self._after = list(after)  # more reconciling once the containers are (snapshots)
         self._done = False
         self._lock = threading.Lock()  # held during the first pass: mutations wait on it
         self._start_lock = threading.Lock()
@@ -133,6 +135,11 @@ class Reconciler:
                 | set(self._networks.sandbox_ids()))
         for sid in sorted(sids):
             self._isolated(sid, functools.partial(self._containers_of, sid, found))
+        for step in self._after:
+            try:
+                step()
+            except Exception:  # never blocks the mutations waiting for this pass
+                log.exception("reconcile step %s failed", getattr(step, "__qualname__", step))
         self._networks_todo = sorted(sids)
         self._done = True
         log.info("reconciled %d sandboxes and %d containers with libvirt (%d left to retry)",

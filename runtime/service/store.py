@@ -78,11 +78,23 @@ def _v2(db: sqlite3.Connection, root: Path) -> list[Path]:
     return carried
 
 
+def _v3(db: sqlite3.Connection, root: Path) -> list[Path]:
+    """VM snapshots (CreateSnapshot): one row per snapshot, id '<container id>/<snapshot
+    id>' (a snapshot id has no '/'), listed by container."""
+    db.execute("CREATE TABLE snapshots (id TEXT PRIMARY KEY, container_id TEXT NOT NULL, "
+               "data TEXT NOT NULL)")
+    db.execute("CREATE INDEX snapshots_by_container ON snapshots (container_id)")
+    return []
+
+
 # MIGRATIONS[n] takes a store at version n to version n + 1. Append; never edit.
-MIGRATIONS: list[Migration] = [_v1, _v2]
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-TABLES = ("sandboxes", "containers", "networks", "image_names")
+TABLES = ("sandboxes", "containers", "networks", "image_names", "snapshots")
+# The columns outside the JSON that rows are selected by.
+_COLUMNS = {"containers": ("sandbox_id",), "image_names": ("digest",),
+            "snapshots": ("container_id",)}
 
 
 class StoreError(Exception):
@@ -189,10 +201,23 @@ class Store:
             rows = self._db.execute(f"SELECT data FROM {table} ORDER BY id").fetchall()
         return [json.loads(r[0]) for r in rows]
 
+    def all_by(self, table: str, column: str, value: str) -> list[dict[str, Any]]:
+        """The rows whose indexed `column` (one of the table's own columns) is `value`."""
+        assert table in TABLES and column in _COLUMNS.get(table, ())
+        with self._lock:
+            rows = self._db.execute(f"SELECT data FROM {table} WHERE {column}=? ORDER BY id",
+                                    (value,)).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     def delete(self, table: str, id_: str) -> None:
+        self.delete_many(table, [id_])
+
+    def delete_many(self, table: str, ids: Iterable[str]) -> None:
+        """Deletes the rows `ids` in one transaction (missing ones are no error)."""
         assert table in TABLES
         with self.transaction() as db:
-            db.execute(f"DELETE FROM {table} WHERE id=?", (id_,))
+            for id_ in ids:
+                db.execute(f"DELETE FROM {table} WHERE id=?", (id_,))
 
     def set_setting(self, key: str, value: str) -> None:
         with self.transaction() as db:

@@ -42,7 +42,8 @@ def remove_leftover_domains() -> Iterator[None]:
         if not _made_here(name):
             continue
         subprocess.run([*VIRSH, "destroy", name], capture_output=True)
-        subprocess.run([*VIRSH, "undefine", "--nvram", name], capture_output=True)
+        subprocess.run([*VIRSH, "undefine", "--nvram", "--snapshots-metadata", name],
+                       capture_output=True)
 
 
 @pytest.fixture(scope="module")

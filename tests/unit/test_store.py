@@ -75,3 +75,35 @@ def test_put_many_is_one_transaction(tmp_path: Path) -> None:
                                   ("c3", {"id": "c3"}, {})])
     assert s.get("containers", "c1") == {"id": "c1"}, "all or nothing"
     assert s.get("containers", "c3") is None
+
+
+def test_v3_adds_the_snapshots_table_to_a_v2_store(tmp_path: Path) -> None:
+    """A state.db exactly as version 2 left it (one sandbox, one container) gains the
+    snapshots table; the records it held are untouched."""
+    db = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    store_mod.MIGRATIONS[0](db, tmp_path)
+    store_mod.MIGRATIONS[1](db, tmp_path)
+    db.execute("INSERT INTO sandboxes (id, data) VALUES ('sb1', '{\"id\": \"sb1\"}')")
+    db.execute("INSERT INTO containers (id, sandbox_id, data) VALUES ('c1', 'sb1', "
+               "'{\"id\": \"c1\"}')")
+    db.execute("PRAGMA user_version=2")
+    with pytest.raises(sqlite3.OperationalError):
+        db.execute("SELECT * FROM snapshots")
+    db.close()
+
+    s = Store(tmp_path / "state.db")
+
+    assert s.schema_version == SCHEMA_VERSION == 3
+    assert s.get("sandboxes", "sb1") == {"id": "sb1"}
+    assert s.get("containers", "c1") == {"id": "c1"}
+    s.put("snapshots", "c1/a", {"snapshot_id": "a"}, container_id="c1")
+    s.put("snapshots", "c1/b", {"snapshot_id": "b"}, container_id="c1")
+    s.put("snapshots", "c2/a", {"snapshot_id": "a"}, container_id="c2")
+    assert s.all_by("snapshots", "container_id", "c1") == [{"snapshot_id": "a"},
+                                                           {"snapshot_id": "b"}]
+    s.delete_many("snapshots", ["c1/a", "c1/b", "c1/missing"])
+    assert s.all_by("snapshots", "container_id", "c1") == []
+    assert s.count("snapshots") == 1
+    s.close()
+    reopened = Store(tmp_path / "state.db")  # at the current version: no migration again
+    assert reopened.count("snapshots") == 1
