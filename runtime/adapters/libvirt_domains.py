@@ -26,8 +26,8 @@ from .libvirt_conn import LibvirtConnection, translate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFIX", "STOP_REASONS", "DomainState", "Domains", "LifecycleEvent", "OurDomain",
-           "call", "domain_name", "lookup_ours", "translate"]
+__all__ = ["PREFIX", "REBOOT_FLAGS", "STOP_REASONS", "DomainState", "Domains",
+           "LifecycleEvent", "OurDomain", "call", "domain_name", "lookup_ours", "translate"]
 
 # One fixed prefix for every domain this runtime defines; see module docstring.
 PREFIX = "avr-"
@@ -57,6 +57,14 @@ _EVENT_STOP_DETAIL = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
+}
+# RebootVM's domainRebootFlag values that mean something for a QEMU domain.
+REBOOT_FLAGS = {
+    libvirt.VIR_DOMAIN_REBOOT_DEFAULT: "default (libvirt picks the agent or ACPI)",
+    libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN: "ACPI",
+    libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT: "guest agent",
+    libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN | libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT:
+        "guest agent, else ACPI",
 }
 _SHUTOFF_REASON = {
     libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
@@ -181,6 +189,10 @@ class Domains:
                     extra={"CONTAINER_ID": uuid, "POD_SANDBOX_ID": sandbox_id})
         return None
 
+    def owned(self, uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
+        """The domain, for other adapters acting on it (guest_agent); see _owned."""
+        return self._owned(uuid, sandbox_id, what)
+
     def foreign(self, uuid: str, sandbox_id: str) -> bool:
         """Whether libvirt has a domain with this UUID that is not this instance's domain
         of `sandbox_id` (for callers outside this class that act on it, as NIC hot-plug)."""
@@ -238,6 +250,14 @@ class Domains:
                 call("shutting down the VM", uuid):
             if dom is not None and dom.isActive():
                 dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+
+    def reboot(self, uuid: str, sandbox_id: str, flags: int) -> None:
+        """virDomainReboot with `flags` (REBOOT_FLAGS); libvirt's errors are raised."""
+        dom = self._owned(uuid, sandbox_id, "rebooting")
+        if dom is None:
+            raise NotFound(f"the domain of container {uuid} does not exist or is not ours")
+        with call("rebooting the VM", uuid):
+            dom.reboot(flags)
 
     def destroy(self, uuid: str, sandbox_id: str) -> None:
         dom = self._owned(uuid, sandbox_id, "stopping")

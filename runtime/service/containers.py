@@ -21,6 +21,7 @@ from pathlib import Path
 from ..adapters import qemu_img
 from ..adapters.console_log import ConsoleLogs, parts_below
 from ..adapters.domain_xml import render_domain
+from ..adapters.guest_agent import GuestAgent
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent
 from ..adapters.seed_iso import write_seed_iso
 from ..checks import shown
@@ -33,6 +34,7 @@ from .podstate import PodState
 from .quotas import Quotas
 from .records import CREATED, CREATING, EXITED, RUNNING, SANDBOX_READY, ContainerRecord
 from .seed import render_seed
+from .vm_stop import graceful_stop
 from .vmconfig import parse_vm_config
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class Containers:
         self._templates = list(template_dirs)
         self._ensure_reconciled = ensure_reconciled
         self._quotas = quotas
+        self._agent = GuestAgent(domains)
         domains.watch(self._on_event)
 
     # -- reads ----------------------------------------------------------------------------
@@ -285,14 +288,17 @@ class Containers:
         if rec is None or rec.state != RUNNING:
             return
         self._state.set_container(cid, stop_requested=True)
+        deadline = time.monotonic() + timeout
         if timeout > 0:
-            self._domains.shutdown(cid, rec.sandbox_id)
-            if self._state.wait_until(cid, _not_running, timeout):
+            if graceful_stop(cid, rec.sandbox_id, timeout, self._domains, self._agent,
+                             lambda s: self._state.wait_until(cid, _not_running, s)):
                 return
-            log.info("VM %s did not power off within %d s; destroying it", cid, timeout,
+            log.info("VM %s did not power off within its %d s; destroying it", cid, timeout,
                      extra={"CONTAINER_ID": cid})
         self._domains.destroy(cid, rec.sandbox_id)
-        if not self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY):
+        # destroy returns once QEMU is gone; the event may lag: read the state at T.
+        wait = min(STOP_AFTER_DESTROY, max(0.2, deadline - time.monotonic()))
+        if not self._state.wait_until(cid, _not_running, wait):
             # No event came (libvirt reconnecting?): read the state directly.
             st = self._domains.state(cid)
             if st is None or st.state == "shutoff":
