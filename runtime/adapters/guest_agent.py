@@ -21,14 +21,10 @@ import libvirt
 import libvirt_qemu
 
 from ..errors import FailedPrecondition, NotFound, Unavailable
-from .libvirt_domains import Domains, translate
+from .libvirt_domains import NO_AGENT, Domains, translate
 
 log = logging.getLogger(__name__)
 
-# libvirt's codes for "no agent here": not connected / not answering, out of sync, and
-# "QEMU guest agent is not configured" (no channel).
-_NO_AGENT = {libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED,
-             libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED}
 COMMAND_TIMEOUT = 10  # seconds libvirt waits for one agent reply
 
 
@@ -51,7 +47,7 @@ def _agent_call(what: str, uuid: str) -> Iterator[None]:
         yield
     except libvirt.libvirtError as e:
         code = e.get_error_code()
-        if code in _NO_AGENT:
+        if code in NO_AGENT:
             raise FailedPrecondition(
                 f"{what}: VM {uuid} has no QEMU guest agent answering (is qemu-guest-agent "
                 f"installed and running in the guest?): {e.get_error_message() or e}",

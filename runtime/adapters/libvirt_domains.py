@@ -26,7 +26,7 @@ from .libvirt_conn import LibvirtConnection, translate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFIX", "REBOOT_FLAGS", "STOP_REASONS", "DomainState", "Domains",
+__all__ = ["NO_AGENT", "PREFIX", "REBOOT_FLAGS", "STOP_REASONS", "DomainState", "Domains",
            "LifecycleEvent", "OurDomain", "call", "domain_name", "lookup_ours", "translate"]
 
 # One fixed prefix for every domain this runtime defines; see module docstring.
@@ -66,6 +66,10 @@ REBOOT_FLAGS = {
     libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN | libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT:
         "guest agent, else ACPI",
 }
+# libvirt's codes for "no guest agent here": not connected or not answering, out of sync,
+# and "QEMU guest agent is not configured" (no channel).
+NO_AGENT = frozenset({libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED,
+                      libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED})
 _SHUTOFF_REASON = {
     libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
     libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
@@ -256,8 +260,15 @@ class Domains:
         dom = self._owned(uuid, sandbox_id, "rebooting")
         if dom is None:
             raise NotFound(f"the domain of container {uuid} does not exist or is not ours")
-        with call("rebooting the VM", uuid):
-            dom.reboot(flags)
+        try:
+            with call("rebooting the VM", uuid):
+                dom.reboot(flags)
+        except Unavailable as e:
+            if e.context.get("libvirt_code") in NO_AGENT:
+                raise FailedPrecondition(f"{e.message} (no QEMU guest agent answers in the "
+                                         "guest: is qemu-guest-agent installed and running?)",
+                                         **e.context) from e
+            raise
 
     def destroy(self, uuid: str, sandbox_id: str) -> None:
         dom = self._owned(uuid, sandbox_id, "stopping")
