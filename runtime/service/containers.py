@@ -270,34 +270,39 @@ class Containers:
         log.info("container %s started", cid, extra={"CONTAINER_ID": cid})
 
     def stop(self, cid: str, timeout: int) -> None:
+        # T counts from the call, not from the pod lock: the caller waits T in all.
+        deadline = time.monotonic() + min(timeout, MAX_STOP_TIMEOUT)
         self._ensure_reconciled()
         rec = self._state.container(cid)
         if rec is None or rec.state == CREATING:
             return  # gone: success
         with self._state.pod_lock(rec.sandbox_id):
-            self.stop_locked(cid, timeout)
+            self.stop_locked(cid, max(0.0, deadline - time.monotonic()) if timeout > 0 else 0)
         self.flush_console(cid)
 
     def flush_console(self, cid: str) -> None:
         self._console.flush(cid)
 
-    def stop_locked(self, cid: str, timeout: int) -> None:
-        """StopContainer's work; the caller holds the container's pod lock."""
-        timeout = min(timeout, MAX_STOP_TIMEOUT)
+    def stop_locked(self, cid: str, timeout: float) -> None:
+        """StopContainer's work (vm_stop: within `timeout` s); the caller holds the
+        container's pod lock."""
+        started = time.monotonic()
+        deadline = started + min(timeout, MAX_STOP_TIMEOUT)
         rec = self._state.container(cid)
         if rec is None or rec.state != RUNNING:
             return
         self._state.set_container(cid, stop_requested=True)
-        deadline = time.monotonic() + timeout
         if timeout > 0:
-            if graceful_stop(cid, rec.sandbox_id, timeout, self._domains, self._agent,
+            if graceful_stop(cid, rec.sandbox_id, deadline, self._domains, self._agent,
                              lambda s: self._state.wait_until(cid, _not_running, s)):
                 return
-            log.info("VM %s did not power off within its %d s; destroying it", cid, timeout,
-                     extra={"CONTAINER_ID": cid})
+            log.info("VM %s did not power off within %.1f s; destroying it", cid,
+                     time.monotonic() - started, extra={"CONTAINER_ID": cid})
         self._domains.destroy(cid, rec.sandbox_id)
-        # destroy returns once QEMU is gone; the event may lag: read the state at T.
-        wait = min(STOP_AFTER_DESTROY, max(0.2, deadline - time.monotonic()))
+        log.info("VM %s destroyed %.2f s into its stop", cid, time.monotonic() - started,
+                 extra={"CONTAINER_ID": cid})
+        # destroy returns once QEMU is gone; the event may lag: read the state by T.
+        wait = min(STOP_AFTER_DESTROY, max(0.05, deadline - time.monotonic()))
         if not self._state.wait_until(cid, _not_running, wait):
             # No event came (libvirt reconnecting?): read the state directly.
             st = self._domains.state(cid)
