@@ -2,7 +2,7 @@
 
 A delayed reboot is a timer; while it is pending another RebootVM of the same VM is
 FailedPrecondition. The reboot itself runs under the pod lock, so it never races a Stop or
-Remove of the same pod, and is skipped (logged) when the VM stopped during the delay. The
+Remove of the same pod; a pending reboot is dropped when the VM stops (libvirt's event). The
 container stays RUNNING: a reboot is a reset of the same QEMU process (on_reboot=restart),
 which libvirt reports as a REBOOT event, not as stopped/started (containers._on_event).
 """
@@ -13,7 +13,7 @@ import logging
 import threading
 
 from ..adapters.guest_agent import GuestAgent
-from ..adapters.libvirt_domains import REBOOT_FLAGS, Domains
+from ..adapters.libvirt_domains import REBOOT_FLAGS, Domains, LifecycleEvent
 from ..checks import shown
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, RuntimeError_
 from .podstate import PodState
@@ -32,6 +32,17 @@ class Reboots:
         self._agent = agent
         self._lock = threading.Lock()
         self._pending: dict[str, threading.Timer] = {}
+        domains.watch(self._on_event)
+
+    def _on_event(self, ev: LifecycleEvent) -> None:
+        if ev.stopped:  # a reboot scheduled for this run of the VM is void
+            with self._lock:
+                timer = self._pending.get(ev.uuid)
+                if timer is not None and timer.interval > 0:
+                    self._pending.pop(ev.uuid)
+                    timer.cancel()
+                    log.info("pending reboot of VM %s dropped: the VM stopped", ev.uuid,
+                             extra={"CONTAINER_ID": ev.uuid})
 
     def _running(self, cid: str) -> ContainerRecord:
         rec = self._state.container(cid)
@@ -50,7 +61,8 @@ class Reboots:
                                   f"{MAX_REBOOT_DELAY}")
         with self._lock:
             if cid in self._pending:
-                raise FailedPrecondition(f"a reboot of VM {cid} is already scheduled")
+                raise FailedPrecondition(f"a reboot of VM {cid} is already scheduled or "
+                                         "in progress")
             rec = self._running(cid)
             if delay == 0:
                 self._pending[cid] = threading.Timer(0, lambda: None)  # "in progress"
@@ -89,13 +101,6 @@ class Reboots:
         finally:
             with self._lock:
                 self._pending.pop(cid, None)
-
-    def cancel(self, cid: str) -> None:
-        """Drops a pending reboot (the VM is being stopped or removed)."""
-        with self._lock:
-            timer = self._pending.pop(cid, None)
-        if timer is not None:
-            timer.cancel()
 
     def close(self) -> None:
         with self._lock:
