@@ -71,10 +71,11 @@ def test_reboot_checks_flags_delay_state_and_a_pending_reboot(env: Env) -> None:
     assert (rec.state, rec.started_at) == (RUNNING, started)
     # A delayed reboot of a VM stopped meanwhile is dropped: a start within the delay
     # does not get it.
-    reboots.reboot(cid, 1, 0)
+    scheduled = time.monotonic()
+    reboots.reboot(cid, 3, 0)
     pods.stop_container(cid, 0)
     pods.start_container(cid)
-    deadline = time.monotonic() + 0.9  # the event reaches Reboots right after Pods
+    deadline = scheduled + 2.5  # the event reaches Reboots right after Pods
     while True:  # accepted before the earlier one's time: it was dropped
         try:
             reboots.reboot(cid, 600, 0)
