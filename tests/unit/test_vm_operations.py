@@ -214,4 +214,4 @@ def test_short_timeouts_skip_the_agent_and_tiny_ones_go_straight_to_destroy() ->
     r = Recorder(True)
     assert not vm_stop.graceful_stop("c", "s", r.t0 + 1, r, r, _never_stops)  # type: ignore[arg-type]
     assert r.calls == []
-    assert vm_stop.reserve(3) == 1.5 and vm_stop.reserve(100) == 5.0
+    assert vm_stop.reserve(3) == 2.5 and vm_stop.reserve(100) == 5.0
