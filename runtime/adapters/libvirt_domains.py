@@ -26,8 +26,8 @@ from .libvirt_conn import LibvirtConnection, translate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFIX", "STOP_REASONS", "DomainState", "Domains", "LifecycleEvent", "OurDomain",
-           "call", "domain_name", "lookup_ours", "translate"]
+__all__ = ["NO_AGENT", "PREFIX", "REBOOT_FLAGS", "STOP_REASONS", "DomainState", "Domains",
+           "LifecycleEvent", "OurDomain", "call", "domain_name", "lookup_ours", "translate"]
 
 # One fixed prefix for every domain this runtime defines; see module docstring.
 PREFIX = "avr-"
@@ -58,6 +58,18 @@ _EVENT_STOP_DETAIL = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
 }
+# RebootVM's domainRebootFlag values that mean something for a QEMU domain.
+REBOOT_FLAGS = {
+    libvirt.VIR_DOMAIN_REBOOT_DEFAULT: "default (libvirt picks the agent or ACPI)",
+    libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN: "ACPI",
+    libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT: "guest agent",
+    libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN | libvirt.VIR_DOMAIN_REBOOT_GUEST_AGENT:
+        "guest agent, else ACPI",
+}
+# libvirt's codes for "no guest agent here": not connected or not answering, out of sync,
+# and "QEMU guest agent is not configured" (no channel).
+NO_AGENT = frozenset({libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED,
+                      libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED})
 _SHUTOFF_REASON = {
     libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "shutdown",
     libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed",
@@ -183,7 +195,8 @@ class Domains:
 
     def owned(self, uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
         """The domain, if it is this instance's domain of `sandbox_id` (for the adapters that
-        act on our domains, as snapshots); None otherwise, logged when it is not ours."""
+        act on our domains: snapshots, the guest agent); None otherwise, logged when it is
+        not ours."""
         return self._owned(uuid, sandbox_id, what)
 
     def foreign(self, uuid: str, sandbox_id: str) -> bool:
@@ -243,6 +256,21 @@ class Domains:
                 call("shutting down the VM", uuid):
             if dom is not None and dom.isActive():
                 dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+
+    def reboot(self, uuid: str, sandbox_id: str, flags: int) -> None:
+        """virDomainReboot with `flags` (REBOOT_FLAGS); libvirt's errors are raised."""
+        dom = self._owned(uuid, sandbox_id, "rebooting")
+        if dom is None:
+            raise NotFound(f"the domain of container {uuid} does not exist or is not ours")
+        try:
+            with call("rebooting the VM", uuid):
+                dom.reboot(flags)
+        except Unavailable as e:
+            if e.context.get("libvirt_code") in NO_AGENT:
+                raise FailedPrecondition(f"{e.message} (no QEMU guest agent answers in the "
+                                         "guest: is qemu-guest-agent installed and running?)",
+                                         **e.context) from e
+            raise
 
     def destroy(self, uuid: str, sandbox_id: str) -> None:
         dom = self._owned(uuid, sandbox_id, "stopping")

@@ -17,6 +17,7 @@ from . import convert
 from .dispatch import Call
 from .pools import Kind, Pools
 from .snapshot_rpcs import SnapshotRpcs
+from .vm_ops_rpcs import VmOpsRpcs
 
 # The kubelet checks this exact value (the CRI's own version field).
 KUBELET_API_VERSION = "0.1.0"
@@ -29,7 +30,7 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
     )
 
 
-class RuntimeServicer(SnapshotRpcs):
+class RuntimeServicer(SnapshotRpcs, VmOpsRpcs):
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..adapters import qemu_img
 from ..adapters.console_log import ConsoleLogs, parts_below
 from ..adapters.domain_xml import render_domain
+from ..adapters.guest_agent import GuestAgent
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent
 from ..adapters.seed_iso import write_seed_iso
 from ..checks import shown
@@ -33,6 +34,7 @@ from .podstate import PodState
 from .quotas import Quotas
 from .records import CREATED, CREATING, EXITED, RUNNING, SANDBOX_READY, ContainerRecord
 from .seed import render_seed
+from .vm_stop import graceful_stop
 from .vmconfig import parse_vm_config
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class Containers:
         # VMs whose QEMU this runtime replaces on purpose (restart_locked): the stop event of
         # the old QEMU is swallowed (set), so the container never flickers EXITED.
         self._quiet: dict[str, threading.Event] = {}
+        self._agent = GuestAgent(domains)
         domains.watch(self._on_event)
 
     # -- reads ----------------------------------------------------------------------------
@@ -292,34 +295,42 @@ class Containers:
         log.info("container %s started", cid, extra={"CONTAINER_ID": cid})
 
     def stop(self, cid: str, timeout: int) -> None:
+        # T counts from the call, not from the pod lock: the caller waits T in all.
+        deadline = time.monotonic() + min(timeout, MAX_STOP_TIMEOUT)
         self._ensure_reconciled()
         rec = self._state.container(cid)
         if rec is None or rec.state == CREATING:
             return  # gone: success
         with self._state.pod_lock(rec.sandbox_id):
-            self.stop_locked(cid, timeout)
+            self.stop_locked(cid, max(0.0, deadline - time.monotonic()) if timeout > 0 else 0)
         self.flush_console(cid)
 
     def flush_console(self, cid: str) -> None:
         self._console.flush(cid)
 
-    def stop_locked(self, cid: str, timeout: int) -> None:
-        """StopContainer's work; the caller holds the container's pod lock."""
-        timeout = min(timeout, MAX_STOP_TIMEOUT)
+    def stop_locked(self, cid: str, timeout: float) -> None:
+        """StopContainer's work (vm_stop: within `timeout` s); the caller holds the
+        container's pod lock."""
+        started = time.monotonic()
+        deadline = started + min(timeout, MAX_STOP_TIMEOUT)
         rec = self._state.container(cid)
         if rec is None or rec.state != RUNNING:
             return
         self._state.set_container(cid, stop_requested=True)
         faults.point("stop_container.recorded", rec.sandbox_id)
         if timeout > 0:
-            self._domains.shutdown(cid, rec.sandbox_id)
-            if self._state.wait_until(cid, _not_running, timeout):
+            if graceful_stop(cid, rec.sandbox_id, deadline, self._domains, self._agent,
+                             lambda s: self._state.wait_until(cid, _not_running, s)):
                 return
-            log.info("VM %s did not power off within %d s; destroying it", cid, timeout,
-                     extra={"CONTAINER_ID": cid})
+            log.info("VM %s did not power off within %.1f s; destroying it", cid,
+                     time.monotonic() - started, extra={"CONTAINER_ID": cid})
         self._domains.destroy(cid, rec.sandbox_id)
         faults.point("stop_container.signalled", rec.sandbox_id)
-        if not self._state.wait_until(cid, _not_running, STOP_AFTER_DESTROY):
+        log.info("VM %s destroyed %.2f s into its stop", cid, time.monotonic() - started,
+                 extra={"CONTAINER_ID": cid})
+        # destroy returns once QEMU is gone; the event may lag: read the state by T.
+        wait = min(STOP_AFTER_DESTROY, max(0.05, deadline - time.monotonic()))
+        if not self._state.wait_until(cid, _not_running, wait):
             # No event came (libvirt reconnecting?): read the state directly.
             st = self._domains.state(cid)
             if st is None or st.state == "shutoff":

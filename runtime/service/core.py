@@ -9,17 +9,20 @@ import time
 from pathlib import Path
 
 from ..adapters import cni
+from ..adapters.guest_agent import GuestAgent
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_domains import Domains
 from ..adapters.pull_watch import PullLimits
 from ..adapters.templates import default_template_dirs
 from ..config import Settings, denied_networks
+from .guest_exec import GuestExec
 from .health import Condition, LibvirtHealth, cni_condition
 from .image_records import ImageRecord
 from .images import ImageStore
 from .pod_network import PodNetworks
 from .pods import Pods
+from .reboot import Reboots
 from .statedir import StateDir
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,9 @@ class Core:
         self.pods = Pods(settings, state.store, self.domains, self.images, self.networks,
                          state.root / "vms", template_dirs)
         self.health.on_healthy(self.pods.start_reconcile)
+        agent = GuestAgent(self.domains)
+        self.reboots = Reboots(self.pods.state, self.domains, agent)
+        self.guest_exec = GuestExec(self.pods.state, agent)
         self._pulls: dict[str, tuple[int, int | None, float]] = {}
         self._pulls_lock = threading.Lock()
 
@@ -102,5 +108,6 @@ class Core:
         return "; ".join(parts)
 
     def close(self) -> None:
+        self.reboots.close()
         self.pods.close()
         self.images.close()

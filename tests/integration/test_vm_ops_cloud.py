@@ -1,0 +1,173 @@
+"""ExecSync through the QEMU guest agent, RebootVM and StopContainer on the Debian cloud
+guest (qemu-guest-agent inside): one guest booted for the module, every check on it.
+Minutes under TCG: marked slow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.daemon_proc import APIS, Daemon
+from tests.guest.images import cloud_guest_image
+from tests.integration.test_network_common import cni_test_network
+from tests.integration.vm_ops_common import StateWatch, code_of, module_tmp
+from tests.integration.vmpods import (
+    container_config,
+    image_server,
+    log_text,
+    require_libvirtd,
+    sandbox_config,
+    vm_runtime,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BOOT_TIMEOUT = 400
+KERNEL_LINE = "Linux version"  # the kernel's first console line (console=ttyS0)
+
+
+@dataclass
+class Guest:
+    d: Daemon
+    sid: str
+    cid: str
+    log: Path
+
+
+def _exec(g: Guest, argv: list[str], timeout: int = 10, api: str = "v1alpha2") -> object:
+    pb, _ = APIS[api]
+    return g.d.runtime(api).ExecSync(pb.ExecSyncRequest(container_id=g.cid, cmd=argv,
+                                                        timeout=timeout), timeout=timeout + 30)
+
+
+def _uptime(g: Guest) -> float | None:
+    try:
+        r = _exec(g, ["cat", "/proc/uptime"], 10)
+    except grpc.RpcError:
+        return None  # no agent answering (yet)
+    return float(r.stdout.split()[0])  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def guest() -> Iterator[Guest]:
+    require_libvirtd()
+    with module_tmp() as tmp, cni_test_network() as net:
+        (tmp / "img").mkdir()
+        (tmp / "img" / "guest.qcow2").symlink_to(cloud_guest_image())
+        with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host:
+            image = f"{host}/guest.qcow2"
+            d = vm_runtime(tmp, net).start()
+            pb, _ = APIS["v1alpha2"]
+            rt = d.runtime("v1alpha2")
+            try:
+                d.images("v1alpha2").PullImage(
+                    pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
+                cfg = sandbox_config(pb, tmp / "pods", name="ops-cloud")
+                sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
+                                       timeout=30).pod_sandbox_id
+                cid = rt.CreateContainer(pb.CreateContainerRequest(
+                    pod_sandbox_id=sid, sandbox_config=cfg,
+                    config=container_config(pb, image, memory_mib=512)),
+                    timeout=120).container_id
+                rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+                g = Guest(d, sid, cid, tmp / "pods" / "vm" / "0.log")
+                wait_for("the guest agent", lambda: _uptime(g) is not None, BOOT_TIMEOUT,
+                         every=2)
+                yield g
+                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
+                                    timeout=120)
+            finally:
+                d.stop()
+
+
+@pytest.mark.parametrize("api", ["v1alpha2", "v1"])
+def test_exec_output_exit_code_timeout_and_bound(guest: Guest, api: str) -> None:
+    r = _exec(guest, ["uname", "-a"], api=api)
+    assert r.exit_code == 0 and r.stdout.startswith(b"Linux ") and r.stderr == b""  # type: ignore[attr-defined]
+    r = _exec(guest, ["sh", "-c", "echo out; echo err >&2; exit 3"], api=api)
+    assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")  # type: ignore[attr-defined]
+    r = _exec(guest, ["true"], timeout=0, api=api)  # 0: no timeout
+    assert r.exit_code == 0  # type: ignore[attr-defined]
+    r = _exec(guest, ["no-such-program-here"], api=api)
+    assert r.exit_code == 127, r  # type: ignore[attr-defined]
+    # Output kept: 1 MiB per stream, the command still succeeds.
+    r = _exec(guest, ["head", "-c", "3000000", "/dev/zero"], timeout=60, api=api)
+    assert r.exit_code == 0 and len(r.stdout) == 1024 * 1024  # type: ignore[attr-defined]
+    # The timeout: DEADLINE_EXCEEDED at about T, and the process group is gone in the guest.
+    pb, _ = APIS[api]
+    t0 = time.monotonic()
+    code, details = code_of(lambda: guest.d.runtime(api).ExecSync(pb.ExecSyncRequest(
+        container_id=guest.cid, cmd=["sh", "-c", "sleep 61 & sleep 62"], timeout=2),
+        timeout=30))
+    took = time.monotonic() - t0
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+    assert 2 <= took < 6, took
+    r = _exec(guest, ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"], api=api)
+    assert b"sleep 61" not in r.stdout and b"sleep 62" not in r.stdout  # type: ignore[attr-defined]
+
+
+def _reboot_and_check(guest: Guest, spec: dict[str, int]) -> float:
+    """Reboots with `spec`; checks uptime, console and RUNNING all along; returns the
+    seconds from the call to the new kernel's first console line."""
+    pb, _ = APIS["v1alpha2"]
+    rt = guest.d.runtime("v1alpha2")
+    before = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=guest.cid),
+                                timeout=10).status
+    boots = log_text(guest.log).count(KERNEL_LINE)
+    assert boots >= 1
+    with StateWatch(guest.d, guest.cid, every=0.2) as watch:
+        t0 = time.monotonic()
+        rt.RebootVM(pb.RebootVMRequest(vm_id=guest.cid, rebootSpec=pb.VmRebootSpec(**spec)),
+                    timeout=30)
+        called = time.monotonic()
+        if spec.get("delayInSeconds"):
+            assert called - t0 < 2, "a delayed reboot returns at once"
+            code, details = code_of(lambda: rt.RebootVM(pb.RebootVMRequest(
+                vm_id=guest.cid), timeout=30))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, details
+        wait_for("the new kernel on the console",
+                 lambda: log_text(guest.log).count(KERNEL_LINE) == boots + 1, BOOT_TIMEOUT)
+        to_console = time.monotonic() - t0
+        up = wait_for("the agent after the reboot",
+                      lambda: (u := _uptime(guest)) is not None and u < time.monotonic() - t0
+                      and u, BOOT_TIMEOUT, every=2)
+    print(f"reboot {spec}: console after {to_console:.1f} s, uptime {up:.1f} s")
+    assert watch.seen == ["CONTAINER_RUNNING"], watch.seen
+    after = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=guest.cid),
+                               timeout=10).status
+    assert after.started_at == before.started_at
+    return to_console
+
+
+def test_reboot_resets_uptime_and_the_console_goes_on(guest: Guest) -> None:
+    old = log_text(guest.log)
+    _reboot_and_check(guest, {})  # default: libvirt picks the agent
+    new = log_text(guest.log)
+    assert len(new) > len(old) and new.startswith(old), "the log goes on in the same file"
+
+
+def test_delayed_guest_agent_reboot(guest: Guest) -> None:
+    _reboot_and_check(guest, {"delayInSeconds": 3, "domainRebootFlag": 2})
+
+
+def test_stop_with_an_agent_returns_within_its_timeout(guest: Guest) -> None:
+    pb, _ = APIS["v1"]
+    rt = guest.d.runtime("v1")
+    timeout = 20
+    t0 = time.monotonic()
+    rt.StopContainer(pb.StopContainerRequest(container_id=guest.cid, timeout=timeout),
+                     timeout=timeout)
+    took = time.monotonic() - t0
+    st = rt.ContainerStatus(pb.ContainerStatusRequest(container_id=guest.cid),
+                            timeout=10).status
+    print(f"Stop({timeout}) of the Debian guest took {took:.1f} s: {st.reason} "
+          f"exit {st.exit_code}")
+    assert st.state == pb.CONTAINER_EXITED
+    code, details = code_of(lambda: _exec(guest, ["true"], api="v1"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "not running" in details
