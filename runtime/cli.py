@@ -40,6 +40,11 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="memory of one pod's VM (0, the default: the host's memory)")
     p.add_argument("--max-pod-root-volume-gib", type=int, metavar="GIB",
                    help="root disk of one pod's VM (256; 0: no limit)")
+    p.add_argument("--vm-max-vcpus", type=int, metavar="N",
+                   help="vCPUs a VM can grow to live (0, the default: --max-pod-vcpus)")
+    p.add_argument("--vm-max-memory-mib", type=int, metavar="MIB",
+                   help="memory a VM can grow to live (0, the default: its size at "
+                        "creation; capped by --max-pod-memory-mib)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

@@ -181,6 +181,10 @@ class Domains:
                     extra={"CONTAINER_ID": uuid, "POD_SANDBOX_ID": sandbox_id})
         return None
 
+    def owned(self, uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
+        """`_owned`, for the adapters that act on our domains (libvirt_resize)."""
+        return self._owned(uuid, sandbox_id, what)
+
     def foreign(self, uuid: str, sandbox_id: str) -> bool:
         """Whether libvirt has a domain with this UUID that is not this instance's domain
         of `sandbox_id` (for callers outside this class that act on it, as NIC hot-plug)."""

@@ -16,6 +16,7 @@ from ..service.records import SANDBOX_READY, SandboxRecord
 from . import convert
 from .dispatch import Call
 from .pools import Kind, Pools
+from .resize_rpcs import ResizeRpcs
 
 # The kubelet checks this exact value (the CRI's own version field).
 KUBELET_API_VERSION = "0.1.0"
@@ -28,7 +29,7 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
     )
 
 
-class RuntimeServicer:
+class RuntimeServicer(ResizeRpcs):
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools
@@ -137,7 +138,10 @@ class RuntimeServicer:
 
     async def ContainerStatus(self, request: Any, call: Call) -> Any:
         c = self.core.pods.container(request.container_id)
-        return call.pb.ContainerStatusResponse(status=convert.container_status(call, c))
+        # What the VM has now, from libvirt (the kubelet resizes until it sees its limits)
+        resources = await self.pools.run(Kind.LIBVIRT, self.core.pods.resize.resources, c)
+        return call.pb.ContainerStatusResponse(
+            status=convert.container_status(call, c, resources))
 
     async def ReopenContainerLog(self, request: Any, call: Call) -> Any:
         self.core.pods.reopen_log(request.container_id)

@@ -194,7 +194,8 @@ class Containers:
                     raise NotFound(f"image {c.image[:200]!r} was removed meanwhile")
                 net = self._networks.network(sandbox_id)
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
-                                       net.interfaces, self._domains.instance)
+                                       net.interfaces, self._domains.instance,
+                                       self._quotas)
                 plan.files.dir.mkdir(mode=0o711)
                 os.chmod(plan.files.dir, 0o711)  # whatever the umask: QEMU reaches its disks
                 qemu_img.create_overlay(image.path, image.format, plan.files.root_disk,
