@@ -17,16 +17,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 import xml.etree.ElementTree as ET
 
 import libvirt
 
-from ..errors import NotFound, RuntimeError_
+from ..errors import NotFound
 from .libvirt_domains import Domains, call
 
 log = logging.getLogger(__name__)
 
 KIB_PER_MIB = 1024
+ONLINE_WAIT = 15.0  # seconds the guest agent is given to bring hot-plugged CPUs online
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +92,21 @@ class DomainResizer:
 
     @staticmethod
     def _online_in_guest(dom: libvirt.virDomain, uuid: str, vcpus: int) -> None:
-        """A guest may leave a hot-plugged CPU offline (no udev rule does it): the agent,
-        if there is one, brings the present CPUs online. Best effort: without an agent
-        the guest decides."""
-        with contextlib.suppress(RuntimeError_), call("onlining vCPUs in the guest", uuid):
-            dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_VCPU_GUEST)
+        """A Linux guest leaves a hot-plugged CPU offline unless something onlines it (no
+        udev rule in Debian does): the guest agent, when one answers, is asked to bring
+        the present CPUs online, for a few seconds while the guest takes in the ACPI
+        event. Best effort: without an agent the guest decides."""
+        deadline = time.monotonic() + ONLINE_WAIT
+        while True:
+            try:
+                online = dom.vcpusFlags(libvirt.VIR_DOMAIN_VCPU_GUEST)
+            except libvirt.libvirtError:
+                return  # no agent: the guest decides
+            if online == vcpus or time.monotonic() > deadline:
+                if online != vcpus:
+                    log.info("the guest of %s has %d of %d vCPUs online", uuid, online, vcpus,
+                             extra={"CONTAINER_ID": uuid})
+                return
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_VCPU_GUEST)
+            time.sleep(0.5)

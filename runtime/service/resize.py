@@ -158,15 +158,15 @@ class Resizer:
             if vm is None:
                 raise NotFound(f"the VM of container {cid} does not exist any more")
             check_fits(t, vm, self._quotas)
-            self._vms.apply(cid, rec.sandbox_id, t.vcpus, t.memory_mib)
-            changes: dict[str, int] = {}
+            # Each part recorded once libvirt took it: the units to report it in.
             if t.vcpus is not None:
-                changes.update(cpu_period=req.cpu_period, cpu_quota=req.cpu_quota,
-                               vcpus=t.vcpus)
+                self._vms.apply(cid, rec.sandbox_id, t.vcpus, None)
+                self._state.set_container(cid, cpu_period=req.cpu_period,
+                                          cpu_quota=req.cpu_quota, vcpus=t.vcpus)
             if t.memory_mib is not None:
-                changes.update(memory_limit_in_bytes=req.memory_limit_in_bytes,
-                               memory_mib=t.memory_mib)
-            self._state.set_container(cid, **changes)
+                self._vms.apply(cid, rec.sandbox_id, None, t.memory_mib)
+                self._state.set_container(cid, memory_limit_in_bytes=req.memory_limit_in_bytes,
+                                          memory_mib=t.memory_mib)
         log.info("container %s resized to %s vCPUs, %s MiB (%s)", cid, t.vcpus or "same",
                  t.memory_mib or "same", "live" if vm.active else "config only",
                  extra={"CONTAINER_ID": cid})
