@@ -82,13 +82,40 @@ class DomainResizer:
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (
             libvirt.VIR_DOMAIN_AFFECT_LIVE if active else 0)
         if vcpus is not None:
-            with call(f"setting the VM's vCPUs to {vcpus}", uuid):
-                dom.setVcpusFlags(vcpus, flags)
             if active:
+                self._set_live_vcpus(dom, uuid, vcpus)
                 self._online_in_guest(dom, uuid, vcpus)
+            else:
+                with call(f"setting the VM's vCPUs to {vcpus}", uuid):
+                    dom.setVcpusFlags(vcpus, flags)
         if memory_mib is not None:
             with call(f"setting the VM's memory to {memory_mib} MiB", uuid):
                 dom.setMemoryFlags(memory_mib * KIB_PER_MIB, flags)
+
+    @staticmethod
+    def _set_live_vcpus(dom: libvirt.virDomain, uuid: str, vcpus: int) -> None:
+        """Hot-plug or unplug to `vcpus`, live and in the config. For an unplug the guest
+        is first asked (through its agent, if any) to take the CPUs offline, so it only
+        has to let them go; when it has not done so within libvirt's wait, the request
+        stands (the guest may still complete it), the config is set, and the call
+        succeeds: ContainerStatus reports the vCPUs present until the guest lets go."""
+        what = f"setting the VM's vCPUs to {vcpus}"
+        with call(what, uuid):
+            present = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        if vcpus < present:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_VCPU_GUEST)
+        with call(what, uuid):
+            try:
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_LIVE
+                                  | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_TIMEOUT:
+                    raise
+                log.info("the guest of %s has not released its vCPUs yet (%s); the "
+                         "unplug request stands", uuid, e.get_error_message(),
+                         extra={"CONTAINER_ID": uuid})
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
     @staticmethod
     def _online_in_guest(dom: libvirt.virDomain, uuid: str, vcpus: int) -> None:
