@@ -162,11 +162,28 @@ def libvirt_size(pod: Pod) -> tuple[int, int]:
     return info[3], info[2] // 1024
 
 
+def _diagnose(pod: Pod) -> str:
+    dom = pod.dom()
+    out = [f"libvirt (vCPUs, MiB) {libvirt_size(pod)}, memoryStats {dom.memoryStats()}"]
+    for argv in (["/usr/bin/nproc"], ["/bin/cat", "/sys/devices/system/cpu/present"],
+                 ["/bin/sh", "-c", "dmesg | tail -n 15"]):
+        with contextlib.suppress(Exception):
+            out.append(f"{argv[-1]}: {guest_run(dom, *argv)}")
+    log = (pod.d.tmp / "daemon.log").read_text(errors="replace").splitlines()
+    out += [line for line in log if "resiz" in line or "vCPU" in line][-10:]
+    return "\n".join(out)
+
+
 def _settle(pod: Pod, vcpus: int, mib: int, want: tuple[int, int, int]) -> float:
     """Waits until the guest and both APIs show `vcpus` and `mib`; returns MemTotal."""
-    wait_for(f"nproc {vcpus} in the guest", lambda: nproc(pod) == vcpus, 60, every=1)
-    wait_for(f"the balloon at {mib} MiB", lambda: libvirt_size(pod) == (vcpus, mib), 120,
-             every=1)
+    try:
+        wait_for(f"nproc {vcpus} in the guest", lambda: nproc(pod) == vcpus, 60, every=1)
+        wait_for(f"{vcpus} vCPUs in libvirt", lambda: libvirt_size(pod)[0] == vcpus, 60,
+                 every=1)
+        wait_for(f"the balloon at {mib} MiB", lambda: libvirt_size(pod)[1] == mib, 120,
+                 every=1)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; {_diagnose(pod)}") from None
     for api in APIS:
         assert resources(pod, api) == want, api
     return mem_total_mib(pod)
