@@ -47,6 +47,11 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="largest image a pull may bring (32768; 0: no cap)")
     p.add_argument("--image-cache-size-mib", type=int, metavar="MIB",
                    help="total size of stored images; unused ones are evicted (0: no cap)")
+    p.add_argument("--vm-max-vcpus", type=int, metavar="N",
+                   help="vCPUs a VM can grow to live (0, the default: --max-pod-vcpus)")
+    p.add_argument("--vm-max-memory-mib", type=int, metavar="MIB",
+                   help="memory a VM can grow to live (0, the default: its size at "
+                        "creation; capped by --max-pod-memory-mib)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

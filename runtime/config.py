@@ -68,6 +68,12 @@ class Settings:
     # The total size of the stored images (MiB; 0: no cap). After each pull, unused images
     # are evicted, least recently used first, until the store fits.
     image_cache_size_mib: int = 0
+    # Live resize headroom (service/resize.py): every VM is defined with this many vCPUs
+    # at most (0: the per-pod vCPU quota above) and this much memory at most (0: no
+    # memory headroom, the VM's memory at creation is its maximum); each capped by the
+    # quotas, never below the VM's own size at creation.
+    vm_max_vcpus: int = 0
+    vm_max_memory_mib: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,7 +148,8 @@ def validate(s: Settings) -> None:
         raise InvalidArgument("image-pull-deadline and image-pull-speed-window must be positive")
     if s.image_pull_min_speed < 0:
         raise InvalidArgument("image-pull-min-speed must not be negative")
-    for name in ("max_pods", "max_pod_vcpus", "max_pod_memory_mib", "max_pod_root_volume_gib"):
+    for name in ("max_pods", "max_pod_vcpus", "max_pod_memory_mib", "max_pod_root_volume_gib",
+                 "vm_max_vcpus", "vm_max_memory_mib"):
         if getattr(s, name) < 0:
             raise InvalidArgument(f"{name.replace('_', '-')} must not be negative (0: see --help)")
     if s.image_max_size_mib < 0 or s.image_cache_size_mib < 0:

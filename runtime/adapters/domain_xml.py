@@ -136,6 +136,10 @@ class DomainSpec:
     interfaces: tuple[InterfaceSpec, ...]
     #: QEMU binary; None lets libvirt pick its default for the arch
     emulator: Path | None
+    #: live resize headroom: the most vCPUs and memory the VM can be given while it runs
+    #: (0: its current size, no headroom); the designer decides them
+    max_vcpus: int = 0
+    max_memory_mib: int = 0
 
     def __post_init__(self) -> None:
         _check_text("domain name", self.name, allow_empty=False)
@@ -150,6 +154,12 @@ class DomainSpec:
             isinstance(self.memory_mib, int) and self.memory_mib >= 1,
             f"memory_mib {self.memory_mib!r}",
         )
+        _require(isinstance(self.max_vcpus, int) and (
+            self.max_vcpus == 0 or self.vcpus <= self.max_vcpus <= 512),
+            f"max_vcpus {self.max_vcpus!r} (0, or vcpus..512)")
+        _require(isinstance(self.max_memory_mib, int) and (
+            self.max_memory_mib == 0 or self.memory_mib <= self.max_memory_mib),
+            f"max_memory_mib {self.max_memory_mib!r} (0, or at least memory_mib)")
         _check_path("root disk", self.root_disk)
         _check_path("console log", self.console_log)
         _check_path("guest agent socket", self.guest_agent_socket)
@@ -177,6 +187,14 @@ class DomainSpec:
     @property
     def root_disk_target(self) -> str:
         return "vda" if self.disk_bus == "virtio" else "sda"
+
+    @property
+    def vcpus_max(self) -> int:
+        return self.max_vcpus or self.vcpus
+
+    @property
+    def memory_max_mib(self) -> int:
+        return self.max_memory_mib or self.memory_mib
 
     @property
     def host_model_cpu(self) -> bool:

@@ -195,7 +195,7 @@ class Domains:
 
     def owned(self, uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
         """The domain, if it is this instance's domain of `sandbox_id` (for the adapters that
-        act on our domains: snapshots, the guest agent); None otherwise, logged when it is
+        act on our domains: snapshots, the guest agent, resize); None otherwise, logged when it is
         not ours."""
         return self._owned(uuid, sandbox_id, what)
 

@@ -12,6 +12,7 @@ from typing import Any
 from ..service.image_records import ImageRecord
 from ..service.network_state import NetworkStatus, NicStatus
 from ..service.records import ContainerRecord, SandboxRecord
+from ..service.resize import Reported
 from .dispatch import Call
 
 
@@ -73,13 +74,14 @@ def container(call: Call, c: ContainerRecord) -> Any:
         labels=c.labels, annotations=c.annotations)
 
 
-def _linux_resources(call: Call, c: ContainerRecord) -> Any:
+def _linux_resources(call: Call, r: Reported) -> Any:
     return call.pb.LinuxContainerResources(
-        cpu_period=c.cpu_period, cpu_quota=c.cpu_quota,
-        memory_limit_in_bytes=c.memory_limit_in_bytes)
+        cpu_period=r.cpu_period, cpu_quota=r.cpu_quota,
+        memory_limit_in_bytes=r.memory_limit_in_bytes)
 
 
-def container_status(call: Call, c: ContainerRecord) -> Any:
+def container_status(call: Call, c: ContainerRecord, resources: Reported | None = None) -> Any:
+    """`resources`: what the VM has now (service/resize.py); None leaves the field unset."""
     status = call.pb.ContainerStatus(
         id=c.id, metadata=_cmeta(call, c), state=call.pb.ContainerState.Value(c.state),
         created_at=c.created_at, started_at=c.started_at, finished_at=c.finished_at,
@@ -87,11 +89,11 @@ def container_status(call: Call, c: ContainerRecord) -> Any:
         reason=c.reason, message=c.message, labels=c.labels, annotations=c.annotations,
         log_path=c.log_path)
     field = call.pb.ContainerStatus.DESCRIPTOR.fields_by_name.get("resources")
-    if field is not None:
+    if field is not None and resources is not None:
         if field.message_type.name == "LinuxContainerResources":  # Arktos v1alpha2
-            status.resources.CopyFrom(_linux_resources(call, c))
+            status.resources.CopyFrom(_linux_resources(call, resources))
         else:  # v1: ContainerResources{linux}
-            status.resources.linux.CopyFrom(_linux_resources(call, c))
+            status.resources.linux.CopyFrom(_linux_resources(call, resources))
     return status
 
 

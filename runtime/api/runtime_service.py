@@ -16,6 +16,7 @@ from ..service.records import SANDBOX_READY, SandboxRecord
 from . import convert
 from .dispatch import Call
 from .pools import Kind, Pools
+from .resize_rpcs import ResizeRpcs
 from .snapshot_rpcs import SnapshotRpcs
 from .vm_ops_rpcs import VmOpsRpcs
 
@@ -30,7 +31,7 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
     )
 
 
-class RuntimeServicer(SnapshotRpcs, VmOpsRpcs):
+class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs):
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools
@@ -142,7 +143,10 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs):
 
     async def ContainerStatus(self, request: Any, call: Call) -> Any:
         c = self.core.pods.container(request.container_id)
-        return call.pb.ContainerStatusResponse(status=convert.container_status(call, c))
+        # What the VM has now, from libvirt (the kubelet resizes until it sees its limits)
+        resources = await self.pools.run(Kind.LIBVIRT, self.core.pods.resize.resources, c)
+        return call.pb.ContainerStatusResponse(
+            status=convert.container_status(call, c, resources))
 
     async def ReopenContainerLog(self, request: Any, call: Call) -> Any:
         self.core.pods.reopen_log(request.container_id)

@@ -211,7 +211,8 @@ class Containers:
                 self._images.mark_used(image.digest)
                 net = self._networks.network(sandbox_id)
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
-                                       net.interfaces, self._domains.instance)
+                                       net.interfaces, self._domains.instance,
+                                       self._quotas)
                 plan.files.dir.mkdir(mode=0o711)
                 os.chmod(plan.files.dir, 0o711)  # whatever the umask: QEMU reaches its disks
                 faults.point("create_container.dir", sandbox_id)

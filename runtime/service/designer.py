@@ -17,7 +17,9 @@ from ..adapters.domain_xml import DiskCache, DomainMetadata, DomainSpec, DomainT
 from ..adapters.libvirt_domains import domain_name
 from ..config import Settings
 from ..errors import InvalidArgument
+from .quotas import Quotas
 from .records import SandboxRecord
+from .vm_size import MAX_VCPUS
 from .vmconfig import ANN_SYSTEM_UUID, VMConfig
 
 # Container ids are name-based UUIDs of the sandbox id (the contract), in this namespace.
@@ -87,12 +89,25 @@ def container_id(sandbox_id: str, vm: VMConfig) -> str:
     return vm.system_uuid
 
 
+def headroom(vm: VMConfig, settings: Settings, quotas: Quotas | None) -> tuple[int, int]:
+    """The most vCPUs and MiB of memory the VM can be resized to live: the settings
+    vm_max_vcpus (0: the vCPU quota) and vm_max_memory_mib (0: none), capped by the
+    quotas (and MAX_VCPUS), never below the VM's own size."""
+    quota_vcpus = quotas.max_vcpus if quotas is not None else vm.vcpus
+    quota_mib = quotas.max_memory_mib if quotas is not None else vm.memory_mib
+    vcpus = min(settings.vm_max_vcpus or quota_vcpus, quota_vcpus, MAX_VCPUS)
+    mib = min(settings.vm_max_memory_mib or vm.memory_mib, quota_mib)
+    return max(vm.vcpus, vcpus), max(vm.memory_mib, mib)
+
+
 def design(pod: SandboxRecord, cid: str, vm: VMConfig, image: ImageFacts, settings: Settings,
-           vm_dir: Path, interfaces: tuple[InterfaceSpec, ...], instance: str = "") -> VmDesign:
+           vm_dir: Path, interfaces: tuple[InterfaceSpec, ...], instance: str = "",
+           quotas: Quotas | None = None) -> VmDesign:
     files = VmFiles(vm_dir)
     # TCG when KVM is disabled (no usable /dev/kvm); host-model CPUs only mean anything
     # under KVM, so TCG gets QEMU's default CPU.
     domain_type: DomainType = "qemu" if settings.disable_kvm else "kvm"
+    max_vcpus, max_memory_mib = headroom(vm, settings, quotas)
     spec = DomainSpec(
         name=domain_name(cid), uuid=cid, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
         root_disk=files.root_disk, console_log=files.console_log,
@@ -103,6 +118,7 @@ def design(pod: SandboxRecord, cid: str, vm: VMConfig, image: ImageFacts, settin
         seed_iso=files.seed_iso, domain_type=domain_type,
         cpu_model=vm.cpu_model if domain_type == "kvm" else "",
         machine=MACHINE, disk_bus=vm.disk_driver, disk_cache=DISK_CACHE,
-        system_uuid=vm.system_uuid, interfaces=interfaces, emulator=None)
+        system_uuid=vm.system_uuid, interfaces=interfaces, emulator=None,
+        max_vcpus=max_vcpus, max_memory_mib=max_memory_mib)
     # The root disk is never smaller than the image; the pod may ask for more.
     return VmDesign(files, max(image.virtual_size, vm.root_volume_bytes), spec)

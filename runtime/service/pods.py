@@ -18,6 +18,7 @@ from pathlib import Path
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.fsutil import make_dirs
 from ..adapters.libvirt_domains import Domains
+from ..adapters.libvirt_resize import DomainResizer
 from ..checks import check_hostname, check_id, is_hostname, shown
 from ..config import Settings
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
@@ -31,6 +32,7 @@ from .podstate import PodState
 from .quotas import Quotas
 from .reconcile import Reconciler
 from .records import CREATING, SANDBOX_NOTREADY, SANDBOX_READY, ContainerRecord, SandboxRecord
+from .resize import Resizer
 from .snapshots import Snapshots
 from .store import Store
 from .vmconfig import parse_vm_config
@@ -71,6 +73,8 @@ class Pods:
         self.snapshots = Snapshots(store, self.state, domains, self._containers,
                                    self.ensure_reconciled)
         self._containers.on_removed.append(self.snapshots.forget)
+        self.resize = Resizer(self.state, DomainResizer(domains), self.quotas,
+                              self.ensure_reconciled)
         self._reconciler = Reconciler(self.state, domains, networks, self.console,
                                       self._containers, self._remove_locked,
                                       after=[self.snapshots.reconcile])

@@ -116,12 +116,13 @@ def test_uniform_checks(tmp_path: Path) -> None:
         big = pb.VersionRequest(version="x" * (MAX_MESSAGE + 10)).SerializeToString()
         code, detail = await call("v1alpha2", "Version", big)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in str(detail)
-        code, detail = await call("v1", "UpdateContainerResources", b"")
+        # PortForward: a method a VM runtime leaves unimplemented
+        code, detail = await call("v1", "PortForward", b"")
         assert code == grpc.StatusCode.INVALID_ARGUMENT, "checked before UNIMPLEMENTED"
-        update = pb.UpdateContainerResourcesRequest(container_id="c").SerializeToString()
-        code, detail = await call("v1", "UpdateContainerResources", update)
+        forward = pb.PortForwardRequest(pod_sandbox_id="p").SerializeToString()
+        code, detail = await call("v1", "PortForward", forward)
         assert code == grpc.StatusCode.UNIMPLEMENTED
-        assert "UpdateContainerResources" in str(detail)
+        assert "PortForward" in str(detail)
 
     serve(tmp_path, test)
 

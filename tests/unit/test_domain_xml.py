@@ -279,6 +279,9 @@ GOLDEN_CASES: dict[str, dict[str, Any]] = {
         "interfaces": (InterfaceSpec("avrtap0", "52:54:00:ab:cd:ef"),),
     },
     "domain-no-seed.xml": {"seed_iso": None, "vcpus": 1, "memory_mib": 1024},
+    # live resize headroom: 2 of 4 vCPUs present, 512 MiB of at most 2048 (balloon)
+    "domain-resize-headroom.xml": {"vcpus": 2, "max_vcpus": 4, "memory_mib": 512,
+                                   "max_memory_mib": 2048},
 }
 
 
