@@ -16,6 +16,7 @@ from ..service.records import SANDBOX_READY, SandboxRecord
 from . import convert
 from .dispatch import Call
 from .pools import Kind, Pools
+from .stats_rpcs import StatsRpcs
 
 # The kubelet checks this exact value (the CRI's own version field).
 KUBELET_API_VERSION = "0.1.0"
@@ -28,7 +29,7 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
     )
 
 
-class RuntimeServicer:
+class RuntimeServicer(StatsRpcs):
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools

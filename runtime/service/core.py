@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..adapters import cni
+from ..adapters.domain_stats import DomainStatsReader
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_domains import Domains
@@ -20,6 +21,7 @@ from .images import ImageRecord, ImageStore
 from .pod_network import PodNetworks
 from .pods import Pods
 from .statedir import StateDir
+from .stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ class Core:
         self.pods = Pods(settings, state.store, self.domains, self.images, self.networks,
                          state.root / "vms", template_dirs)
         self.health.on_healthy(self.pods.start_reconcile)
+        self.domain_stats = DomainStatsReader(libvirt)
+        self.stats = Stats(self.pods.containers, self.pods.sandboxes, self.domain_stats.read,
+                           self.networks.tap_names, str(state.root / "vms"))
         self._pulls: dict[str, tuple[int, int | None, float]] = {}
         self._pulls_lock = threading.Lock()
 

@@ -149,6 +149,12 @@ class PodNetworks:
         return NetworkStatus(ip=ip, ips=ips, nics=tuple(nic_statuses(st, None)),
                              netns_present=netns.exists(st.netns))
 
+    def tap_names(self, sandbox_id: str) -> dict[str, str]:
+        """Stats: the pod interface (CNI ifname) each VM tap stands in for, from memory;
+        empty when the sandbox has no network record (stopped)."""
+        st = self._records.get(sandbox_id)
+        return {} if st is None else {p.tap: p.ifname for p in st.ports()}
+
     def teardown(self, sandbox_id: str) -> None:
         """StopPodSandbox / RemovePodSandbox: dnsmasq, taps, CNI DEL, namespace. Idempotent.
 
