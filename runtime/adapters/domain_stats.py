@@ -16,8 +16,6 @@ Figures are as libvirt gives them, in bytes and nanoseconds:
                      reports (stats period set in the domain's <memballoon>)
   block.N.*          per disk: path, allocation (highest written offset of the image
                      file), physical (the file's size on the host), capacity (virtual size)
-  net.N.*            per interface, the host tap's name and counters from the guest's point
-                     of view (libvirt swaps the tap's rx and tx)
 """
 
 from __future__ import annotations
@@ -31,9 +29,11 @@ import libvirt
 from .libvirt_conn import LibvirtConnection
 from .libvirt_domains import PREFIX, call
 
+# Not VIR_DOMAIN_STATS_INTERFACE: libvirt reads a tap's counters in its own namespace, and
+# ours are moved into the pod's once QEMU opened them (libvirt then reports zeros); the
+# network figures are read in the pod's namespace instead (service/pod_network).
 STATS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
-         | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_INTERFACE
-         | libvirt.VIR_DOMAIN_STATS_BLOCK)
+         | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_BLOCK)
 FLAGS = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 
 _ACTIVE = {libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED,
@@ -50,15 +50,6 @@ class BlockStats:
 
 
 @dataclasses.dataclass(frozen=True)
-class NetStats:
-    device: str  # the host's tap
-    rx_bytes: int
-    rx_errors: int
-    tx_bytes: int
-    tx_errors: int
-
-
-@dataclasses.dataclass(frozen=True)
 class DomainStats:
     uuid: str
     active: bool
@@ -71,7 +62,6 @@ class DomainStats:
     major_faults: int | None = None
     minor_faults: int | None = None
     blocks: tuple[BlockStats, ...] = ()
-    nets: tuple[NetStats, ...] = ()
 
 
 def _int(d: Mapping[str, Any], key: str, scale: int = 1) -> int | None:
@@ -88,13 +78,6 @@ def parse(uuid: str, d: Mapping[str, Any]) -> DomainStats:
                    physical=_int(d, f"block.{i}.physical"),
                    capacity=_int(d, f"block.{i}.capacity"))
         for i in range(_int(d, "block.count") or 0))
-    nets = tuple(
-        NetStats(device=str(d.get(f"net.{i}.name", "")),
-                 rx_bytes=_int(d, f"net.{i}.rx.bytes") or 0,
-                 rx_errors=_int(d, f"net.{i}.rx.errs") or 0,
-                 tx_bytes=_int(d, f"net.{i}.tx.bytes") or 0,
-                 tx_errors=_int(d, f"net.{i}.tx.errs") or 0)
-        for i in range(_int(d, "net.count") or 0))
     if not active:  # a stopped domain's CPU and memory figures mean nothing
         return DomainStats(uuid, False, blocks=blocks)
     return DomainStats(
@@ -104,7 +87,7 @@ def parse(uuid: str, d: Mapping[str, Any]) -> DomainStats:
         guest_usable_bytes=_int(d, "balloon.usable", 1024),
         guest_unused_bytes=_int(d, "balloon.unused", 1024),
         major_faults=_int(d, "balloon.major_fault"), minor_faults=_int(d, "balloon.minor_fault"),
-        blocks=blocks, nets=nets)
+        blocks=blocks)
 
 
 class DomainStatsReader:

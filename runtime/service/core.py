@@ -52,7 +52,7 @@ class Core:
         self.health.on_healthy(self.pods.start_reconcile)
         self.domain_stats = DomainStatsReader(libvirt)
         self.stats = Stats(self.pods.containers, self.pods.sandboxes, self.domain_stats.read,
-                           self.networks.tap_names, str(state.root / "vms"))
+                           self.networks.interface_usage, str(state.root / "vms"))
         self._pulls: dict[str, tuple[int, int | None, float]] = {}
         self._pulls_lock = threading.Lock()
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..adapters import cni, dhcp, libvirt_nics, netns, vmnet
 from ..adapters.fsutil import make_dirs
 from ..checks import check_id
-from ..errors import AlreadyExists, FailedPrecondition, RuntimeError_
+from ..errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeError_
 from .network_state import (
     ADDING,
     NETNS_PREFIX,
@@ -47,6 +47,7 @@ from .network_state import (
 from .nic_hotplug import NicHotplug
 from .nic_spec import NicInfo, nics_to_json
 from .pod_wiring import PodWiring
+from .stats import InterfaceUsage
 from .store import Store
 from .vmconfig import VMConfig
 
@@ -149,11 +150,21 @@ class PodNetworks:
         return NetworkStatus(ip=ip, ips=ips, nics=tuple(nic_statuses(st, None)),
                              netns_present=netns.exists(st.netns))
 
-    def tap_names(self, sandbox_id: str) -> dict[str, str]:
-        """Stats: the pod interface (CNI ifname) each VM tap stands in for, from memory;
-        empty when the sandbox has no network record (stopped)."""
+    def interface_usage(self, sandbox_id: str) -> list[InterfaceUsage]:
+        """Stats: each VM NIC's counters as the guest sees them (its tap's, rx and tx
+        swapped), by pod interface name, from one netlink dump in the pod's namespace
+        (libvirt cannot read a tap moved there); empty when the pod has no network."""
         st = self._records.get(sandbox_id)
-        return {} if st is None else {p.tap: p.ifname for p in st.ports()}
+        if st is None or not st.ports():
+            return []
+        try:
+            with netns.open_netlink(st.netns) as nl:
+                links = {link.name: link for link in nl.links()}
+        except NotFound:
+            return []
+        return [InterfaceUsage(name=p.ifname, rx_bytes=link.tx_bytes, rx_errors=link.tx_errors,
+                               tx_bytes=link.rx_bytes, tx_errors=link.rx_errors)
+                for p in st.ports() if (link := links.get(p.tap)) is not None]
 
     def teardown(self, sandbox_id: str) -> None:
         """StopPodSandbox / RemovePodSandbox: dnsmasq, taps, CNI DEL, namespace. Idempotent.

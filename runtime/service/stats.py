@@ -12,7 +12,9 @@ What the figures mean for a VM (README "Stats"):
                 memory on the host (it includes QEMU's own overhead, uncapped)
   writable layer the root disk's qcow2 overlay: its size on the host; fs_id names the
                 directory holding the VMs' disks, which the kubelet measures itself
-  network       per pod interface (the CNI ifname the tap stands in for), the guest's view
+  network       per pod interface (the CNI ifname the tap stands in for), the guest's view,
+                read from the tap in the pod's namespace (one netlink dump per running pod:
+                libvirt cannot read a tap moved out of its namespace)
 CPU and memory are reported only while the VM runs; a created or exited VM has its disk.
 """
 
@@ -108,18 +110,15 @@ def memory_usage(d: DomainStats) -> MemoryUsage | None:
 
 
 def vm_usage(rec: ContainerRecord, d: DomainStats | None, timestamp: int,
-             taps: Mapping[str, str]) -> VmUsage:
+             interfaces: tuple[InterfaceUsage, ...] = ()) -> VmUsage:
     if d is None:  # libvirt has no such domain (now): nothing measured
         return VmUsage(rec, timestamp)
     root = str(VmFiles(Path(rec.vm_dir)).root_disk)
     disk = next((b for b in d.blocks if b.path == root), None)
     used = None if disk is None else (disk.physical if disk.physical is not None
                                       else disk.allocation)
-    ifaces = tuple(InterfaceUsage(name=taps.get(n.device, n.device), rx_bytes=n.rx_bytes,
-                                  rx_errors=n.rx_errors, tx_bytes=n.tx_bytes,
-                                  tx_errors=n.tx_errors) for n in d.nets)
     return VmUsage(rec, timestamp, cpu_ns=d.cpu_time_ns, memory=memory_usage(d),
-                   root_used_bytes=used, interfaces=ifaces)
+                   root_used_bytes=used, interfaces=interfaces if d.active else ())
 
 
 def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -130,11 +129,11 @@ class Stats:
     def __init__(self, containers: Callable[[], list[ContainerRecord]],
                  sandboxes: Callable[[], list[SandboxRecord]],
                  read: Callable[[], dict[str, DomainStats]],
-                 tap_names: Callable[[str], dict[str, str]], disks_dir: str) -> None:
+                 interfaces: Callable[[str], list[InterfaceUsage]], disks_dir: str) -> None:
         self._containers = containers
         self._sandboxes = sandboxes
         self._read = read
-        self._tap_names = tap_names
+        self._interfaces = interfaces
         #: the filesystem holding every VM's disks (the writable layer's fs_id)
         self.disks_dir = disks_dir
 
@@ -143,12 +142,12 @@ class Stats:
             return []
         timestamp = time.time_ns()
         domains = self._read()  # the one libvirt call of this request
-        taps: dict[str, dict[str, str]] = {}
         out = []
         for rec in recs:
-            if rec.sandbox_id not in taps:
-                taps[rec.sandbox_id] = self._tap_names(rec.sandbox_id)
-            out.append(vm_usage(rec, domains.get(rec.id), timestamp, taps[rec.sandbox_id]))
+            d = domains.get(rec.id)
+            ifaces = tuple(self._interfaces(rec.sandbox_id)) if d is not None and d.active \
+                else ()
+            out.append(vm_usage(rec, d, timestamp, ifaces))
         return out
 
     # -- containers -----------------------------------------------------------------------

@@ -40,7 +40,7 @@ from arktos_vm_runtime.service.records import (
     SandboxRecord,
 )
 from arktos_vm_runtime.service.statedir import StateDir
-from arktos_vm_runtime.service.stats import Stats, memory_usage
+from arktos_vm_runtime.service.stats import InterfaceUsage, Stats, memory_usage
 from arktos_vm_runtime.service.store import Store
 
 KIB = 1024
@@ -67,9 +67,7 @@ def running_params(cid: str, cpu: int = 5_000_000_000, **extra: Any) -> dict[str
             "block.0.physical": 376832,
             "block.1.name": "vda", "block.1.path": f"/state/vms/{cid}/root.qcow2",
             "block.1.allocation": 200704, "block.1.physical": 196616,
-            "block.1.capacity": 41943040,
-            "net.count": 1, "net.0.name": "avrtap0", "net.0.rx.bytes": 1000,
-            "net.0.rx.errs": 1, "net.0.tx.bytes": 2000, "net.0.tx.errs": 2, **extra}
+            "block.1.capacity": 41943040, **extra}
 
 
 # -- the adapter's parsing ------------------------------------------------------------------
@@ -82,13 +80,11 @@ def test_parse_a_running_domain() -> None:
     assert d.guest_usable_bytes is None  # no balloon driver reporting
     assert [b.name for b in d.blocks] == ["hdc", "vda"]
     assert d.blocks[1].physical == 196616 and d.blocks[1].capacity == 41943040
-    assert d.nets[0].device == "avrtap0" and d.nets[0].tx_bytes == 2000
-    assert d.nets[0].rx_errors == 1
 
 
 def test_parse_a_stopped_domain_keeps_only_its_disks() -> None:
     # libvirt reports a CPU time for a shut-off domain too (seen on 9.0): meaningless
-    d = parse("c1", {**running_params("c1"), "state.state": 5, "net.count": 0})
+    d = parse("c1", {**running_params("c1"), "state.state": 5})
     assert not d.active
     assert d.cpu_time_ns is None and d.memory_bytes is None and d.rss_bytes is None
     assert len(d.blocks) == 2
@@ -129,10 +125,13 @@ class Domains:
         return self.stats
 
 
+ETH0 = InterfaceUsage(name="eth0", rx_bytes=1000, rx_errors=1, tx_bytes=2000, tx_errors=2)
+
+
 def make_stats(recs: list[ContainerRecord], pods: list[SandboxRecord],
                doms: Domains) -> Stats:
     return Stats(lambda: recs, lambda: pods, doms.read,
-                 lambda sid: {"avrtap0": "eth0"} if sid == "sb1" else {}, "/state/vms")
+                 lambda sid: [ETH0] if sid == "sb1" else [], "/state/vms")
 
 
 def test_list_filters_and_one_call() -> None:
@@ -148,8 +147,8 @@ def test_list_filters_and_one_call() -> None:
     assert all_[0].cpu_ns == 7 and all_[1].cpu_ns == 9
     assert all_[2].cpu_ns is None and all_[2].memory is None
     assert all_[2].root_used_bytes == 196616  # the root overlay, not the seed ISO
-    assert all_[0].interfaces[0].name == "eth0"  # the pod's interface, not the tap
-    assert all_[1].interfaces[0].name == "avrtap0"  # no network record: the tap
+    assert all_[0].interfaces == (ETH0,) and all_[1].interfaces == ()
+    assert all_[2].interfaces == (), "a stopped VM's counters are not read"
     assert [u.container.id for u in st.list_containers(sandbox_id="sb2")] == ["c2"]
     assert [u.container.id for u in st.list_containers(labels={"app": "a"})] == ["c1", "c3"]
     assert [u.container.id for u in st.list_containers(id_="c3", labels={"app": "a"})] == ["c3"]
@@ -319,6 +318,7 @@ def test_stats_over_the_wire(tmp_path: Path, api: str) -> None:
         doms = Domains({"c1": parse("c1", {
             **running_params("c1"), "block.1.path": f"{core.stats.disks_dir}/c1/root.qcow2"})})
         core.stats._read = doms.read  # test:/// reports states only
+        core.stats._interfaces = lambda sid: [ETH0]  # no pod namespace here
         resp = await stub(channel, api, "ListContainerStats")(pb.ListContainerStatsRequest())
         assert doms.calls == 1 and len(resp.stats) == 1
         s = resp.stats[0]
@@ -362,7 +362,7 @@ def test_stats_over_the_wire(tmp_path: Path, api: str) -> None:
         assert dict(p.attributes.annotations) == {"a": "sb1"}
         assert p.linux.cpu.usage_core_nano_seconds.value == 5_000_000_000
         assert p.linux.memory.working_set_bytes.value == 120000 * KIB
-        assert [i.name for i in p.linux.network.interfaces] == ["avrtap0"]
+        assert [i.name for i in p.linux.network.interfaces] == ["eth0"]
         assert p.linux.network.default_interface.rx_bytes.value == 1000
         assert p.linux.network.default_interface.tx_errors.value == 2
         assert [c.attributes.id for c in p.linux.containers] == ["c1"]
