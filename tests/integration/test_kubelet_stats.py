@@ -78,14 +78,18 @@ def get_json(url: str) -> Any:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with urllib.request.urlopen(url, context=ctx, timeout=10) as r:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, context=ctx, timeout=10) as r:
         return json.loads(r.read())
 
 
 @pytest.fixture
 def vm_daemon(short_tmp: Path, cni_net: CniTestNet) -> Iterator[Daemon]:
     before = own_netns_names()
-    d = vm_runtime(short_tmp, cni_net, "--pod-logs-dir", str(POD_LOGS)).start()
+    d = vm_runtime(short_tmp, cni_net, "--pod-logs-dir", str(POD_LOGS))
+    # AVR_RUNTIME_PYTHON: another interpreter (another checkout's venv) runs the daemon, to
+    # show this test failing on a runtime without the stats RPCs
+    d.argv[0] = os.environ.get("AVR_RUNTIME_PYTHON", d.argv[0])
+    d.start()
     yield d
     pb, _ = APIS["v1alpha2"]
     rt = d.runtime("v1alpha2")
@@ -119,6 +123,8 @@ def kubelet(short_tmp: Path, vm_daemon: Daemon, served_minimal_image: str) -> It
     try:
         yield k
     finally:
+        if os.environ.get("AVR_KEEP_KUBELET_LOG"):
+            shutil.copy(log, os.environ["AVR_KEEP_KUBELET_LOG"])
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
