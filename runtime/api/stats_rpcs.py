@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import NotFound, ResourceExhausted
+from ..errors import NotFound, ResourceExhausted, Unavailable
 from ..service.core import Core
 from ..service.events import Event
 from ..service.network_state import NetworkStatus
@@ -70,13 +70,15 @@ class StatsRpcs:
         sub = hub.subscribe(notify)
         if sub is None:
             raise ResourceExhausted(f"GetContainerEvents: {hub.max_subscribers} subscribers "
-                                    "already; try again later")
+                                    "already, or the runtime is stopping; try again later")
         try:
             while True:
                 await wake.wait()
                 wake.clear()
                 for ev in sub.take():
                     yield stats_convert.container_event(call, ev, self._network(ev))
+                if sub.closed:
+                    raise Unavailable("GetContainerEvents: the runtime is stopping")
                 if sub.overflowed:
                     raise ResourceExhausted(
                         f"GetContainerEvents: this subscriber fell {hub.limit} events behind "

@@ -90,6 +90,15 @@ class Subscription:
             self._queue.clear()
         self._hub.unsubscribe(self)
 
+    def end(self) -> None:
+        """The runtime is stopping: the subscriber is woken and its stream ends."""
+        with self._lock:
+            self.closed = True
+        try:
+            self._notify()
+        except Exception:
+            log.debug("notifying an event subscriber failed", exc_info=True)
+
 
 class EventHub:
     def __init__(self, limit: int = QUEUE_LIMIT, max_subscribers: int = MAX_SUBSCRIBERS) -> None:
@@ -117,6 +126,15 @@ class EventHub:
     def subscribers(self) -> int:
         with self._lock:
             return len(self._subs)
+
+    def close(self) -> None:
+        """Ends every stream (daemon shutdown: an open stream would otherwise hold the
+        server's stop for its whole grace period); later subscribers are refused."""
+        with self._lock:
+            subs, self._subs = self._subs, []
+            self.max_subscribers = 0
+        for sub in subs:
+            sub.end()
 
     def publish(self, ev: Event) -> None:
         with self._lock:

@@ -451,3 +451,33 @@ def test_a_subscriber_cut_off_gets_resource_exhausted(tmp_path: Path) -> None:
         assert "missed events" in (e.value.details() or "")
 
     serve(tmp_path, test)
+
+
+def test_closing_the_hub_ends_every_stream_at_once(tmp_path: Path) -> None:
+    """At daemon shutdown: an open stream would hold the server's stop for its grace."""
+    pb = api_modules()["v1"]
+
+    async def test(core: Core, channel: grpc.aio.Channel) -> None:
+        hub = core.pods.events
+        streams = [stub(channel, "v1", "GetContainerEvents")(pb.GetEventsRequest())
+                   for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while hub.subscribers < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        hub.close()
+        for s in streams:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for _ in s:
+                    pass
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 5
+        assert hub.subscribers == 0
+        late = stub(channel, "v1", "GetContainerEvents")(pb.GetEventsRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in late:
+                pass
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    serve(tmp_path, test)
