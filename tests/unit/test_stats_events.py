@@ -481,3 +481,25 @@ def test_closing_the_hub_ends_every_stream_at_once(tmp_path: Path) -> None:
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     serve(tmp_path, test)
+
+
+def test_server_streams_get_the_uniform_checks(tmp_path: Path) -> None:
+    """A malformed request to a streaming method is INVALID_ARGUMENT naming it, a streaming
+    method the runtime lacks is UNIMPLEMENTED naming itself."""
+
+    async def test(core: Core, channel: grpc.aio.Channel) -> None:
+        raw = channel.unary_stream("/runtime.v1.RuntimeService/GetContainerEvents")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in raw(b"\xff\xff\xff", timeout=10):
+                pass
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed GetEventsRequest" in (e.value.details() or "")
+        path = "/runtime.v1.RuntimeService/StreamContainerStats"
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in channel.unary_stream(path)(b"", timeout=10):
+                pass
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert path in (e.value.details() or "")
+        assert core.pods.events.subscribers == 0
+
+    serve(tmp_path, test)
