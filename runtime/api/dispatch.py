@@ -44,7 +44,7 @@ TRANSPORT_LIMIT = MAX_MESSAGE + 1024 * 1024
 # Called every second by the kubelet: logged at DEBUG only.
 _QUIET = {"Version", "Status", "ListPodSandbox", "ListContainers", "ListImages",
           "ImageFsInfo", "PodSandboxStatus", "ContainerStatus", "ListContainerStats",
-          "ImageStatus"}
+          "ImageStatus", "ContainerStats", "ListPodSandboxStats", "PodSandboxStats"}
 # An error message goes into a gRPC trailer (the client's metadata limit is 8 KiB by
 # default) and a log line: messages cut what they echo (checks.shown); this cuts the rest.
 MAX_DETAIL = 1024
