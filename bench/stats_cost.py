@@ -51,30 +51,56 @@ def timed(fn: Callable[[], object], calls: int) -> list[float]:
 
 def row(name: str, ms: list[float]) -> dict[str, float | str]:
     q = statistics.quantiles(ms, n=10)
-    return {"what": name, "min_ms": round(min(ms), 3), "median_ms": round(statistics.median(ms), 3),
-            "p90_ms": round(q[8], 3)}
+    r: dict[str, float | str] = {
+        "what": name, "min_ms": round(min(ms), 3),
+        "median_ms": round(statistics.median(ms), 3), "p90_ms": round(q[8], 3)}
+    print(f"  {r['what']:<52} min {r['min_ms']:7.2f}  median {r['median_ms']:7.2f}  "
+          f"p90 {r['p90_ms']:7.2f} ms", flush=True)
+    return r
 
 
-def start_pods(d: Daemon, image: str, n: int) -> list[str]:
+def start_pods(d: Daemon, image: str, n: int, sids: list[str]) -> None:
+    """Starts n pods, their ids appended to `sids` as they are made (for the cleanup)."""
     pb, _ = APIS["v1alpha2"]
     rt = d.runtime("v1alpha2")
-    sids, logs = [], []
+    logs = []
     for i in range(n):
         log_dir = d.pod_logs / f"pod{i}"
         cfg = sandbox_config(pb, log_dir, name=f"stats-{i}")
         sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60).pod_sandbox_id
+        sids.append(sid)
         cid = rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=sid, sandbox_config=cfg,
             config=container_config(pb, image, memory_mib=128)), timeout=120).container_id
         rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
-        sids.append(sid)
         logs.append(log_dir / "vm" / "0.log")
     deadline = time.monotonic() + 600
     while not all(MARKER in log_text(p) for p in logs):
         if time.monotonic() > deadline:
             raise SystemExit("the guests did not come up within 600 s")
         time.sleep(1)
-    return sids
+
+
+def cleanup(d: Daemon, sids: list[str]) -> list[str]:
+    """Removes the pods (their VMs destroyed first: a bench needs no clean shutdown) and
+    stops the daemon; returns what went wrong instead of raising, so nothing is left
+    running behind a removed state directory."""
+    pb, _ = APIS["v1alpha2"]
+    rt = d.runtime("v1alpha2")
+    problems = []
+    for sid in sids:
+        try:
+            for c in rt.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter(
+                    pod_sandbox_id=sid)), timeout=30).containers:
+                rt.StopContainer(pb.StopContainerRequest(container_id=c.id, timeout=0),
+                                 timeout=120)
+            rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=300)
+            rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=300)
+        except Exception as e:  # reported; the other pods still go
+            problems.append(f"{sid}: {e!r}"[:300])
+    if d.stop() != 0:
+        problems.append("the daemon exited with an error")
+    return problems
 
 
 def main() -> None:
@@ -84,13 +110,15 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="avr-bench-", dir="/tmp"))
     tmp.chmod(0o711)
-    rows = []
+    rows: list[dict[str, float | str]] = []
+    problems: list[str] = ["the daemon did not start"]
     try:
         (tmp / "img").mkdir()
         (tmp / "img" / "guest.qcow2").symlink_to(minimal_guest().disk)
         with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host, \
                 cni_test_network() as net:
             d = vm_runtime(tmp, net, "--max-pods", str(max(args.pods, 110))).start()
+            problems = []
             sids: list[str] = []
             try:
                 image = f"{host}/guest.qcow2"
@@ -98,7 +126,9 @@ def main() -> None:
                 v1, _ = APIS["v1"]
                 d.images("v1alpha2").PullImage(a2.PullImageRequest(
                     image=a2.ImageSpec(image=image)), timeout=600)
-                sids = start_pods(d, image, args.pods)
+                start_pods(d, image, args.pods, sids)
+                print(f"stats cost, {args.pods} running minimal-guest VM pods, {args.calls} "
+                      "calls each (TCG, 2 cores shared)", flush=True)
                 rt, rt1 = d.runtime("v1alpha2"), d.runtime("v1")
                 got = rt.ListContainerStats(a2.ListContainerStatsRequest(), timeout=30).stats
                 assert len(got) == args.pods
@@ -124,20 +154,12 @@ def main() -> None:
                 finally:
                     conn.close()
             finally:
-                pb, _ = APIS["v1alpha2"]
-                for sid in sids:
-                    d.runtime("v1alpha2").StopPodSandbox(
-                        pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
-                    d.runtime("v1alpha2").RemovePodSandbox(
-                        pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
-                d.stop()
+                problems = cleanup(d, sids)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"stats cost, {args.pods} running minimal-guest VM pods, {args.calls} calls each "
-          "(TCG, 2 cores shared)")
-    for r in rows:
-        print(f"  {r['what']:<52} min {r['min_ms']:7.2f}  median {r['median_ms']:7.2f}  "
-              f"p90 {r['p90_ms']:7.2f} ms")
+        if problems:  # keep the daemon's log and state for a look
+            print(f"cleanup problems (kept {tmp}): {problems}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"pods": args.pods, "calls": args.calls, "rows": rows},
                                   indent=2) + "\n")
