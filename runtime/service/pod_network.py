@@ -29,7 +29,7 @@ from pathlib import Path
 from ..adapters import cni, dhcp, libvirt_nics, netns, vmnet
 from ..adapters.fsutil import make_dirs
 from ..checks import check_id
-from ..errors import AlreadyExists, FailedPrecondition, NotFound, RuntimeError_
+from ..errors import AlreadyExists, FailedPrecondition, RuntimeError_
 from .network_state import (
     ADDING,
     NETNS_PREFIX,
@@ -160,7 +160,9 @@ class PodNetworks:
         try:
             with netns.open_netlink(st.netns) as nl:
                 links = {link.name: link for link in nl.links()}
-        except NotFound:
+        except RuntimeError_ as e:  # the namespace went meanwhile (a teardown): no figures,
+            log.debug("no network counters for %s: %s", sandbox_id, e.message,  # not an error
+                      extra={"POD_SANDBOX_ID": sandbox_id})
             return []
         return [InterfaceUsage(name=p.ifname, rx_bytes=link.tx_bytes, rx_errors=link.tx_errors,
                                tx_bytes=link.rx_bytes, tx_errors=link.rx_errors)
