@@ -137,7 +137,9 @@ class Stats:
         #: the filesystem holding every VM's disks (the writable layer's fs_id)
         self.disks_dir = disks_dir
 
-    def _measure(self, recs: list[ContainerRecord]) -> list[VmUsage]:
+    def _measure(self, recs: list[ContainerRecord], network: bool = False) -> list[VmUsage]:
+        """`network`: read the NICs' counters too (pod stats carry them, container stats
+        do not: ListContainerStats then makes no netlink call)."""
         if not recs:
             return []
         timestamp = time.time_ns()
@@ -145,8 +147,8 @@ class Stats:
         out = []
         for rec in recs:
             d = domains.get(rec.id)
-            ifaces = tuple(self._interfaces(rec.sandbox_id)) if d is not None and d.active \
-                else ()
+            ifaces = tuple(self._interfaces(rec.sandbox_id)) \
+                if network and d is not None and d.active else ()
             out.append(vm_usage(rec, d, timestamp, ifaces))
         return out
 
@@ -174,7 +176,8 @@ class Stats:
         if not pods:
             return []
         wanted = {sb.id for sb in pods}
-        vms = self._measure([c for c in self._containers() if c.sandbox_id in wanted])
+        vms = self._measure([c for c in self._containers() if c.sandbox_id in wanted],
+                            network=True)
         timestamp = vms[0].timestamp if vms else time.time_ns()
         return [PodUsage(sb, timestamp, tuple(v for v in vms if v.container.sandbox_id == sb.id))
                 for sb in pods]
