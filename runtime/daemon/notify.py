@@ -22,11 +22,7 @@ class Notifier:
         self._address = address or None
         self._sock: socket.socket | None = None
         if self._address:
-            # Non-blocking: a receiver that stops reading (its queue full) must never stall
-            # the serving loop, which sends the STATUS= line every second (it did: a test
-            # harness that never drained its notify socket froze the daemon in sendto).
-            self._sock = socket.socket(
-                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.watchdog_usec = _watchdog_usec(env)
 
     @property
@@ -38,8 +34,6 @@ class Notifier:
             return
         try:
             self._sock.sendto("\n".join(lines).encode(), self._address)
-        except BlockingIOError:  # the receiver's queue is full: this message is dropped
-            log.debug("sd_notify to %s dropped: its queue is full", self._address.lstrip("\0"))
         except OSError as e:  # systemd gone or socket full: never fatal for the daemon
             log.warning("sd_notify to %s failed: %s", self._address.lstrip("\0"), e)
 
