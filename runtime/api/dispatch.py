@@ -11,7 +11,9 @@ classes so that, uniformly for every method of both versions:
     with its traceback logged;
   - each call is logged once with journal fields (CRI_METHOD, GRPC_CODE, ids).
 A servicer method is `async def Name(self, request, call: Call) -> response`; it builds
-responses with `call.pb`, the generated module of the API version the caller used.
+responses with `call.pb`, the generated module of the API version the caller used. A
+server-streaming method (GetContainerEvents) is an async generator of responses, with the
+same checks and error mapping.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -42,7 +44,7 @@ TRANSPORT_LIMIT = MAX_MESSAGE + 1024 * 1024
 # Called every second by the kubelet: logged at DEBUG only.
 _QUIET = {"Version", "Status", "ListPodSandbox", "ListContainers", "ListImages",
           "ImageFsInfo", "PodSandboxStatus", "ContainerStatus", "ListContainerStats",
-          "ImageStatus"}
+          "ImageStatus", "ContainerStats", "ListPodSandboxStats", "PodSandboxStats"}
 # An error message goes into a gRPC trailer (the client's metadata limit is 8 KiB by
 # default) and a log line: messages cut what they echo (checks.shown); this cuts the rest.
 MAX_DETAIL = 1024
@@ -137,9 +139,61 @@ def _unary(
     return handle
 
 
+def _server_stream(
+    service: ServiceDescriptor, method: MethodDescriptor, impl: Servicer, pb: ModuleType,
+    api_version: str,
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """A server-streaming method: the same checks, error mapping and log line as a unary
+    one (logged when the stream ends). The servicer's method is an async generator
+    `Name(request, call)`; a runtime error it raises ends the stream with its status."""
+    name = method.name
+    full = f"/{service.full_name}/{name}"
+    fn = getattr(impl, name, None)
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        started = time.monotonic()
+        code = grpc.StatusCode.OK
+        detail = ""
+        sent = 0
+        try:
+            if isinstance(request, _Rejected):
+                raise errors.InvalidArgument(request.message)
+            validation.check(name, request)
+            if fn is None:
+                raise Unimplemented(f"{full} is not implemented by arktos-vm-runtime")
+            log.debug("%s stream opened", full, extra={"CRI_METHOD": name})
+            async for response in fn(request, Call(name, api_version, pb, context)):
+                yield response
+                sent += 1
+        except errors.RuntimeError_ as e:
+            code, detail = status_code(e), e.message
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED  # the client went away
+            raise
+        except Exception as e:
+            log.exception("%s failed unexpectedly", full, extra={"CRI_METHOD": name})
+            code, detail = grpc.StatusCode.INTERNAL, f"internal error in {name}: {e}"
+        finally:
+            if len(detail) > MAX_DETAIL:
+                detail = detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
+            level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED,
+                                             grpc.StatusCode.UNIMPLEMENTED) \
+                else logging.WARNING
+            log.log(level, "%s %s after %.1f s, %d messages sent%s", full, code.name,
+                    time.monotonic() - started, sent, f": {detail}" if detail else "",
+                    extra={"CRI_METHOD": name, "CRI_API": api_version,
+                           "GRPC_CODE": code.name})
+        request = None
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, detail)
+
+    return handle
+
+
 def _streaming(
     service: ServiceDescriptor, method: MethodDescriptor
 ) -> Callable[[Any, grpc.aio.ServicerContext], Any]:
+    """Client- and bidirectional streaming methods (none in the CRI today)."""
     full = f"/{service.full_name}/{method.name}"
 
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -158,9 +212,15 @@ def service_handler(
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        if method.client_streaming or method.server_streaming:
+        if method.server_streaming and not method.client_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _server_stream(service, method, impl, pb, api_version),
+                request_deserializer=_deserializer(request_cls),
+                response_serializer=response_cls.SerializeToString,
+            )
+            continue
+        if method.client_streaming:
             maker = {
-                (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler,
             }[(method.client_streaming, method.server_streaming)]

@@ -18,6 +18,7 @@ from .dispatch import Call
 from .pools import Kind, Pools
 from .resize_rpcs import ResizeRpcs
 from .snapshot_rpcs import SnapshotRpcs
+from .stats_rpcs import StatsRpcs
 from .vm_ops_rpcs import VmOpsRpcs
 
 # The kubelet checks this exact value (the CRI's own version field).
@@ -31,7 +32,7 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
     )
 
 
-class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs):
+class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs):
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools

@@ -33,6 +33,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "Attach": ("container_id",),
     "PortForward": ("pod_sandbox_id",),
     "ContainerStats": ("container_id",),
+    "PodSandboxStats": ("pod_sandbox_id",),
     "RebootVM": ("vm_id",),
     "CreateSnapshot": ("vmID", "snapshotID"),
     "RestoreToSnapshot": ("vmID", "snapshotID"),

@@ -151,6 +151,7 @@ class Daemon:
             self.notifier.stopping("Stopping: finishing calls in flight; VMs keep running")
             if self._relay is not None:
                 self._relay.stop_accepting()
+            core.pods.events.close()  # event streams end now, not after the grace period
             await server.stop(SHUTDOWN_GRACE)
             if self._relay is not None:
                 await self._relay.wait_closed(1.0)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..adapters import cni
+from ..adapters.domain_stats import DomainStatsReader
 from ..adapters.guest_agent import GuestAgent
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
@@ -24,6 +25,7 @@ from .pod_network import PodNetworks
 from .pods import Pods
 from .reboot import Reboots
 from .statedir import StateDir
+from .stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class Core:
         agent = GuestAgent(self.domains)
         self.reboots = Reboots(self.pods.state, self.domains, agent)
         self.guest_exec = GuestExec(self.pods.state, agent)
+        self.domain_stats = DomainStatsReader(libvirt)
+        self.stats = Stats(self.pods.containers, self.pods.sandboxes, self.domain_stats.read,
+                           self.networks.interface_usage, str(state.root / "vms"))
         self._pulls: dict[str, tuple[int, int | None, float]] = {}
         self._pulls_lock = threading.Lock()
 

@@ -49,6 +49,7 @@ from .network_state import (
 from .nic_hotplug import NicHotplug
 from .nic_spec import NicInfo, nics_to_json
 from .pod_wiring import PodWiring
+from .stats import InterfaceUsage
 from .store import Store
 from .vmconfig import VMConfig
 
@@ -156,6 +157,24 @@ class PodNetworks:
         ip, ips = pod_ips(st)
         return NetworkStatus(ip=ip, ips=ips, nics=tuple(nic_statuses(st, None)),
                              netns_present=netns.exists(st.netns))
+
+    def interface_usage(self, sandbox_id: str) -> list[InterfaceUsage]:
+        """Stats: each VM NIC's counters as the guest sees them (its tap's, rx and tx
+        swapped), by pod interface name, from one netlink dump in the pod's namespace
+        (libvirt cannot read a tap moved there); empty when the pod has no network."""
+        st = self._records.get(sandbox_id)
+        if st is None or not st.ports():
+            return []
+        try:
+            with netns.open_netlink(st.netns) as nl:
+                links = {link.name: link for link in nl.links()}
+        except RuntimeError_ as e:  # the namespace went meanwhile (a teardown): no figures,
+            log.debug("no network counters for %s: %s", sandbox_id, e.message,  # not an error
+                      extra={"POD_SANDBOX_ID": sandbox_id})
+            return []
+        return [InterfaceUsage(name=p.ifname, rx_bytes=link.tx_bytes, rx_errors=link.tx_errors,
+                               tx_bytes=link.rx_bytes, tx_errors=link.rx_errors)
+                for p in st.ports() if (link := links.get(p.tap)) is not None]
 
     def teardown(self, sandbox_id: str) -> None:
         """StopPodSandbox / RemovePodSandbox: dnsmasq, taps, CNI DEL, namespace. Idempotent.

@@ -24,6 +24,7 @@ from ..config import Settings
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from . import faults
 from .containers import ContainerInput, Containers, now_ns
+from .events import EventHub
 from .images import ImageStore
 from .network_state import NicStatus
 from .nic_spec import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo
@@ -62,7 +63,8 @@ class Pods:
         self.settings = settings
         self.networks = networks
         make_dirs(vm_root, 0o711)  # QEMU (another user) reaches its disks by path
-        self.state = PodState(store)
+        self.events = EventHub()  # GetContainerEvents' subscribers (events.py)
+        self.state = PodState(store, self.events.publish)
         self.quotas = Quotas.from_settings(settings)
         self.console = ConsoleLogs(self.state.save_console_offsets,
                                    Path(settings.pod_logs_dir))

@@ -27,8 +27,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import AlreadyExists
+from .events import Event, container_kinds, now_ns, sandbox_kinds
 from .keyed_locks import KeyedLocks
-from .records import ContainerRecord, SandboxRecord
+from .records import CREATING, ContainerRecord, SandboxRecord
 from .store import Store
 
 Change = Callable[[ContainerRecord], ContainerRecord | None]
@@ -40,8 +41,10 @@ def _row(rec: ContainerRecord) -> tuple[str, dict[str, Any], dict[str, str]]:
 
 
 class PodState:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, publish: Callable[[Event], None] | None = None) -> None:
         self._store = store
+        #: receives the lifecycle events of the writes below (events.py); never blocks
+        self._publish = publish
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self._write = threading.Lock()
@@ -112,6 +115,7 @@ class PodState:
             self._store.put("sandboxes", sb.id, sb.to_dict())
             with self.lock:
                 self._sandboxes[sb.id] = sb
+            self._sandbox_events(None, sb)
 
     def change_sandbox(self, sandbox_id: str, change: SandboxChange) -> SandboxRecord | None:
         """Applies change(current record) -> new record, or None for no change, as one step
@@ -130,13 +134,15 @@ class PodState:
                 return None  # the store and memory agree under _write; never reached
             with self.lock:
                 self._sandboxes[sandbox_id] = new
+            self._sandbox_events(old, new)
             return new
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         with self._write:
             self._store.delete("sandboxes", sandbox_id)
             with self.lock:
-                self._sandboxes.pop(sandbox_id, None)
+                old = self._sandboxes.pop(sandbox_id, None)
+            self._sandbox_events(old, None)
 
     def put_container(self, rec: ContainerRecord) -> None:
         with self._write:
@@ -158,6 +164,7 @@ class PodState:
             if not self._store.update("containers", id_, data, **columns):
                 return None  # updates only: a removed record is never written back
             self._swap([new])
+            self._container_events(old, new)
             return new
 
     def set_container(self, cid: str, **changes: Any) -> ContainerRecord | None:
@@ -167,8 +174,9 @@ class PodState:
         with self._write:
             self._store.delete("containers", cid)
             with self.lock:
-                self._containers.pop(cid, None)
+                old = self._containers.pop(cid, None)
                 self.changed.notify_all()
+            self._container_events(old, None)
 
     def save_console_offsets(self, offsets: Mapping[str, int]) -> None:
         """The console follower's batch of offsets, in one store transaction."""
@@ -187,3 +195,26 @@ class PodState:
             for rec in recs:
                 self._containers[rec.id] = rec
             self.changed.notify_all()
+
+    # -- lifecycle events (events.py); called under _write, so in the order of the writes -
+
+    def _container_events(self, old: ContainerRecord | None,
+                          new: ContainerRecord | None) -> None:
+        rec = new or old
+        if self._publish is not None and rec is not None:
+            for kind in container_kinds(old, new):
+                self._event(kind, rec.id, rec.sandbox_id)
+
+    def _sandbox_events(self, old: SandboxRecord | None, new: SandboxRecord | None) -> None:
+        rec = new or old
+        if self._publish is not None and rec is not None:
+            for kind in sandbox_kinds(old, new):
+                self._event(kind, rec.id, rec.id)
+
+    def _event(self, kind: str, id_: str, sandbox_id: str) -> None:
+        assert self._publish is not None
+        with self.lock:
+            sb = self._sandboxes.get(sandbox_id)
+            cs = tuple(c for c in self._containers.values()
+                       if c.sandbox_id == sandbox_id and c.state != CREATING)
+        self._publish(Event(kind, id_, now_ns(), sb, cs))

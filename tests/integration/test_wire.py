@@ -88,7 +88,10 @@ def test_every_method_answers_with_a_meaningful_status(daemon: Daemon, api: str)
                     response_deserializer=None)
                 with pytest.raises(grpc.RpcError) as e:
                     list(call(req, timeout=5))
-                assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
+                if method.name == "GetContainerEvents":  # open until the client leaves
+                    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, path
+                else:
+                    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
                 continue
             call = daemon.channel.unary_unary(path,
                                               request_serializer=type(req).SerializeToString,
