@@ -97,5 +97,6 @@ class Watchdog:
                 elif reason != withheld:
                     log.error("%s; withholding the watchdog ping", reason)
                 withheld = reason
+            self._notifier.retry()  # a STATUS= the reader had no room for
             if self._stop.wait(tick):
                 return

@@ -4,6 +4,7 @@ send stopped the daemon answering any RPC)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -59,3 +60,31 @@ def test_a_reader_that_does_not_read_costs_dropped_messages_not_a_hang(
         path.unlink(missing_ok=True)  # unblocks a blocked sender (old code) with ECONNREFUSED
         t.join(5.0)
         notifier.close()
+
+
+def test_the_latest_status_that_did_not_fit_is_sent_once_the_reader_has_room(
+        tmp_path: Path) -> None:
+    """STATUS= is state: a watchdog test (and systemctl status) must see the last one even
+    when it came while the reader's queue was full."""
+    path = tmp_path / "notify.sock"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.bind(str(path))
+    reader.settimeout(0.2)
+    notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+    try:
+        for _ in range(MESSAGES):  # fill the queue
+            notifier.watchdog()
+        notifier.status("libvirt: LibvirtNotResponding")  # no room: kept
+        notifier.retry()  # still no room
+        queued = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                queued.append(reader.recv(4096).decode())
+        assert "STATUS=libvirt: LibvirtNotResponding" not in queued
+        notifier.retry()  # the watchdog thread's next tick, now with room
+        assert reader.recv(4096) == b"STATUS=libvirt: LibvirtNotResponding"
+        notifier.retry()  # sent once
+        with pytest.raises(TimeoutError):
+            reader.recv(4096)
+    finally:
+        reader.close()
