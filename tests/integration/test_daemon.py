@@ -167,10 +167,12 @@ def test_watchdog_stops_while_libvirt_is_wedged(short_tmp: Path) -> None:
         d.notify.drain(0.5)
         time.sleep(2.5)  # the probe hangs; after 1.5 s the daemon counts libvirt as wedged
         d.notify.drain(0.1)
-        quiet_since = time.monotonic()
-        got = d.notify.drain(2.0)
+        # Two seconds of listening (a STATUS= may come meanwhile: the one the full queue
+        # had no room for, sent again), and no ping among what came.
+        quiet_since, got = time.monotonic(), []
+        while (left := 2.0 - (time.monotonic() - quiet_since)) > 0:
+            got += d.notify.drain(left)
         assert "WATCHDOG=1" not in got, f"pings went on while libvirt hung: {got}"
-        assert time.monotonic() - quiet_since >= 1.9
         # The daemon itself still answers, and says why it is not ready.
         pb, _ = APIS["v1"]
         r = d.runtime("v1").Status(pb.StatusRequest(), timeout=5)
