@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from arktos_vm_runtime.service.image_names import parse_image_name, url_for
 from tests import cri_fuzz
-from tests.daemon_proc import APIS, Daemon
+from tests.daemon_proc import APIS, Daemon, open_fds, rss_kb
 from tests.integration.test_network_common import CniTestNet, link_names
 from tests.integration.vmpods import (
     ISSUED_UIDS,
@@ -70,18 +70,6 @@ BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # call); 64 MB fails a leak of a few kB per request and leaves three times the noise.
 RSS_BOUND_KB = 64 * 1024
 FD_SLACK = 4  # measured: 23 -> 23
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _outside_host(raw: str) -> str | None:
@@ -447,14 +435,14 @@ def test_fuzz_every_rpc_of_both_versions(short_tmp: Path, cni_net: CniTestNet,
         _campaign(h, range(1), scale=0.2)  # warm-up: threads, caches, libvirt connection
         h.remove_all()
         time.sleep(1)
-        rss0, fds0 = _rss_kb(pid), _fds(pid)
+        rss0, fds0 = rss_kb(pid), open_fds(pid)
         warm = time.monotonic() - started
         _campaign(h, range(1, ROUNDS + 1))
         h.remove_all()
         cleaned = True
         took = time.monotonic() - started
         time.sleep(1)
-        rss1, fds1 = _rss_kb(pid), _fds(pid)
+        rss1, fds1 = rss_kb(pid), open_fds(pid)
 
         total = sum(v for k, v in h.counts.items() if k != "harness")
         print(f"{total} fuzzed requests (+{h.counts['harness']} harness calls) in "
