@@ -214,7 +214,11 @@ class Harness:
     def remove_sandbox(self, sid: str) -> None:
         pb, _ = APIS["v1"]
         rt = self.d.runtime("v1")
-        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+        try:
+            rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:  # removed by a fuzzed request meanwhile
+                raise
         rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
         self.counts["harness"] += 2
         self.forget(sid)
@@ -255,14 +259,29 @@ class Harness:
         api = ("v1alpha2", "v1")[self.turn % 2]
         pb, _ = APIS[api]
         self.pull()
-        sid = self.free_sandbox(own=True)
-        cfg = _convert(self.sandboxes[sid], pb.PodSandboxConfig)
-        cid = self.d.runtime(api).CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=sid, config=container_config(pb, self.image), sandbox_config=cfg),
-            timeout=120).container_id
-        self.counts["harness"] += 1
-        self.containers[cid] = sid
-        return cid
+        # A fuzzed StopPodSandbox or RemovePodSandbox sent by another worker may name the
+        # sandbox picked here while this call is on its way (the ids they use come from the
+        # same pool): the answer is then a clear NOT_FOUND or FAILED_PRECONDITION, and the
+        # harness takes another sandbox.
+        for _ in range(3):
+            sid = self.free_sandbox(own=True)
+            cfg = _convert(self.sandboxes[sid], pb.PodSandboxConfig)
+            try:
+                cid = self.d.runtime(api).CreateContainer(pb.CreateContainerRequest(
+                    pod_sandbox_id=sid, config=container_config(pb, self.image),
+                    sandbox_config=cfg), timeout=120).container_id
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.NOT_FOUND,
+                                    grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                self.counts["harness"] += 1
+                self.stopped.add(sid)  # no longer free either way
+                continue
+            self.counts["harness"] += 1
+            self.containers[cid] = sid
+            return cid
+        raise AssertionError("three sandboxes in a row were stopped or removed under "
+                             "the harness's CreateContainer")
 
     def remove_all(self) -> None:
         pb, _ = APIS["v1"]
