@@ -41,6 +41,20 @@ STATE_DIRS: set[str] = set()
 LOOPBACK_ALLOWED = ",".join(n for n in DEFAULT_DENIED_NETWORKS.split(",") if n != "127.0.0.0/8")
 
 
+def rss_kb(pid: int) -> int:
+    """A process's resident memory (VmRSS), in kB: the leak checks' measure."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors a process has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 class NotifyListener:
     """A real NOTIFY_SOCKET: a datagram socket collecting sd_notify messages."""
 

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from arktos_vm_runtime.service.image_names import parse_image_name, url_for
 from tests import cri_fuzz
-from tests.daemon_proc import APIS, Daemon
+from tests.daemon_proc import APIS, Daemon, open_fds, rss_kb
 from tests.integration.test_network_common import CniTestNet, link_names
 from tests.integration.vmpods import (
     ISSUED_UIDS,
@@ -71,18 +71,6 @@ BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # call); 64 MB fails a leak of a few kB per request and leaves three times the noise.
 RSS_BOUND_KB = 64 * 1024
 FD_SLACK = 4  # measured: 23 -> 23
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _outside_host(raw: str) -> str | None:
@@ -229,7 +217,11 @@ class Harness:
     def remove_sandbox(self, sid: str) -> None:
         pb, _ = APIS["v1"]
         rt = self.d.runtime("v1")
-        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+        try:
+            rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:  # removed by a fuzzed request meanwhile
+                raise
         rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
         self.counts["harness"] += 2
         self.forget(sid)
@@ -270,14 +262,29 @@ class Harness:
         api = ("v1alpha2", "v1")[self.turn % 2]
         pb, _ = APIS[api]
         self.pull()
-        sid = self.free_sandbox(own=True)
-        cfg = _convert(self.sandboxes[sid], pb.PodSandboxConfig)
-        cid = self.d.runtime(api).CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=sid, config=container_config(pb, self.image), sandbox_config=cfg),
-            timeout=120).container_id
-        self.counts["harness"] += 1
-        self.containers[cid] = sid
-        return cid
+        # A fuzzed StopPodSandbox or RemovePodSandbox sent by another worker may name the
+        # sandbox picked here while this call is on its way (the ids they use come from the
+        # same pool): the answer is then a clear NOT_FOUND or FAILED_PRECONDITION, and the
+        # harness takes another sandbox.
+        for _ in range(3):
+            sid = self.free_sandbox(own=True)
+            cfg = _convert(self.sandboxes[sid], pb.PodSandboxConfig)
+            try:
+                cid = self.d.runtime(api).CreateContainer(pb.CreateContainerRequest(
+                    pod_sandbox_id=sid, config=container_config(pb, self.image),
+                    sandbox_config=cfg), timeout=120).container_id
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.NOT_FOUND,
+                                    grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                self.counts["harness"] += 1
+                self.stopped.add(sid)  # no longer free either way
+                continue
+            self.counts["harness"] += 1
+            self.containers[cid] = sid
+            return cid
+        raise AssertionError("three sandboxes in a row were stopped or removed under "
+                             "the harness's CreateContainer")
 
     def remove_all(self) -> None:
         pb, _ = APIS["v1"]
@@ -450,14 +457,14 @@ def test_fuzz_every_rpc_of_both_versions(short_tmp: Path, cni_net: CniTestNet,
         _campaign(h, range(1), scale=0.2)  # warm-up: threads, caches, libvirt connection
         h.remove_all()
         time.sleep(1)
-        rss0, fds0 = _rss_kb(pid), _fds(pid)
+        rss0, fds0 = rss_kb(pid), open_fds(pid)
         warm = time.monotonic() - started
         _campaign(h, range(1, ROUNDS + 1))
         h.remove_all()
         cleaned = True
         took = time.monotonic() - started
         time.sleep(1)
-        rss1, fds1 = _rss_kb(pid), _fds(pid)
+        rss1, fds1 = rss_kb(pid), open_fds(pid)
 
         total = sum(v for k, v in h.counts.items() if k != "harness")
         print(f"{total} fuzzed requests (+{h.counts['harness']} harness calls) in "

@@ -8,14 +8,13 @@ INVALID_ARGUMENT or NOT_FOUND with a short message, before any lock, lookup or l
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from tests.daemon_proc import APIS, Daemon
+from tests.daemon_proc import APIS, Daemon, open_fds, rss_kb
 
 MIB = 1 << 20
 CALLS = 300
@@ -28,18 +27,6 @@ SHORT = 400  # characters of an error message
 # 16 MB fails both and leaves four times the measured noise.
 RSS_BOUND_KB = 16 * 1024
 LONGEST_LOG_LINE = 4096
-
-
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def _fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _calls(daemon: Daemon) -> list[tuple[str, Callable[[str], Any]]]:
@@ -93,12 +80,12 @@ def test_made_up_ids_cost_no_memory_no_fds_and_no_long_log_lines(daemon: Daemon)
     answers: dict[str, set[str]] = {}
     _round(calls, WARMUP, 0, MIB, answers)  # the server's threads and buffers exist
     time.sleep(0.5)
-    rss, fds = _rss_kb(pid), _fds(pid)
+    rss, fds = rss_kb(pid), open_fds(pid)
     started = time.monotonic()
     _round(calls, CALLS, WARMUP, MIB, answers)
     took = time.monotonic() - started
     time.sleep(0.5)
-    grown, fds_after = _rss_kb(pid) - rss, _fds(pid)
+    grown, fds_after = rss_kb(pid) - rss, open_fds(pid)
     print(f"{CALLS} rounds of {len(calls)} calls with 1 MiB ids in {took:.1f} s: "
           f"RSS {rss} kB -> +{grown} kB, fds {fds} -> {fds_after}")
     assert all(a == {"INVALID_ARGUMENT"} for a in answers.values()), answers
@@ -108,14 +95,14 @@ def test_made_up_ids_cost_no_memory_no_fds_and_no_long_log_lines(daemon: Daemon)
     # ids of an allowed size reach the service layer: NOT_FOUND (or OK for Stop and
     # Remove, which the CRI makes succeed for what is gone), short, and nothing kept
     answers = {}
-    rss = _rss_kb(pid)
+    rss = rss_kb(pid)
     _round(calls, CALLS, 0, 128, answers)
     assert answers["v1 CreateContainer"] == {"NOT_FOUND"}, answers
     assert answers["v1alpha2 ContainerStatus"] == {"NOT_FOUND"}, answers
     assert answers["AttachNetworkInterface"] == {"NOT_FOUND"}, answers
     assert answers["v1 StopPodSandbox"] == {"OK"} and answers["v1 RemoveContainer"] == {"OK"}
-    assert _rss_kb(pid) - rss < RSS_BOUND_KB
-    assert _fds(pid) <= fds
+    assert rss_kb(pid) - rss < RSS_BOUND_KB
+    assert open_fds(pid) <= fds
 
     r = daemon.runtime("v1").Version(APIS["v1"][0].VersionRequest(), timeout=5)
     assert r.runtime_api_version == "v1", "still serving"
