@@ -20,8 +20,8 @@ import contextlib
 import ipaddress
 import logging
 import os
+import select
 import signal
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,18 +123,46 @@ def running(netdir: Path) -> bool:
 
 
 def stop(netdir: Path) -> None:
-    """Stops this pod's dnsmasq, if it runs; safe to repeat."""
+    """Stops this pod's dnsmasq, if it runs, and returns once it has closed its sockets (a
+    new one binds port 67 right after); safe to repeat."""
     pid = _pid(netdir)
     if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while _pid(netdir) == pid and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if _pid(netdir) == pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # A pidfd names this process, never a later one with its pid; and it is readable
+        # only once the process has closed its files. /proc/PID/cmdline is empty already
+        # earlier in its exit, while port 67 may still be bound.
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            fd = -1
+        if fd >= 0:
+            try:
+                _end(fd, pid, netdir)
+            finally:
+                os.close(fd)
     (netdir / PID_NAME).unlink(missing_ok=True)
+
+
+def _end(fd: int, pid: int, netdir: Path) -> None:
+    try:
+        exiting = Path(f"/proc/{pid}/cmdline").read_bytes() == b""
+    except OSError:
+        return  # gone between the two looks
+    if not exiting and _pid(netdir) != pid:
+        return  # the pid now belongs to another process
+    if not exiting:
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+    if _exited(fd, STOP_TIMEOUT):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    if not _exited(fd, STOP_TIMEOUT):
+        log.warning("dnsmasq %d did not exit after SIGKILL within %.0f s", pid, STOP_TIMEOUT)
+
+
+def _exited(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
 
 
 def start(ns: str, netdir: Path, hosts: Sequence[DhcpHost]) -> None:
