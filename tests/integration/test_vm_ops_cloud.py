@@ -112,6 +112,38 @@ def test_exec_output_exit_code_timeout_and_bound(guest: Guest, api: str) -> None
     assert b"sleep 61" not in r.stdout and b"sleep 62" not in r.stdout  # type: ignore[attr-defined]
 
 
+def _stats(g: Guest) -> object:
+    pb, _ = APIS["v1"]
+    return g.d.runtime("v1").ContainerStats(pb.ContainerStatsRequest(container_id=g.cid),
+                                            timeout=15).stats
+
+
+def test_stats_move_when_the_guest_burns_cpu_and_fills_memory(guest: Guest) -> None:
+    """CPU time grows by about what a busy loop in the guest burned; the working set (the
+    guest's own figure through the balloon driver, refreshed every 10 s) grows by what a
+    tmpfs file pins and falls back when it is removed."""
+    s0 = _stats(guest)
+    _exec(guest, ["sh", "-c", "end=$(($(date +%s) + 4)); "
+                  "while [ $(date +%s) -lt $end ]; do :; done"], timeout=30)
+    s1 = _stats(guest)
+    burned = s1.cpu.usage_core_nano_seconds.value - s0.cpu.usage_core_nano_seconds.value  # type: ignore[attr-defined]
+    assert burned >= 2 * 10**9, f"{burned} ns of CPU over a 4 s busy loop"
+    ws0 = s1.memory.working_set_bytes.value  # type: ignore[attr-defined]
+    avail0 = s1.memory.available_bytes.value  # type: ignore[attr-defined]
+    fill = 200 * 2**20
+    r = _exec(guest, ["sh", "-c", "head -c 200M /dev/zero > /dev/shm/avr-fill"], timeout=60)
+    assert r.exit_code == 0, r  # type: ignore[attr-defined]
+    try:
+        grown = wait_for("the working set to grow by the 200 MiB file",
+                         lambda: (s := _stats(guest)).memory.working_set_bytes.value  # type: ignore[attr-defined]
+                         >= ws0 + fill * 3 // 4 and s, 60, every=2)
+        assert grown.memory.available_bytes.value <= avail0 - fill * 3 // 4  # type: ignore[attr-defined]
+    finally:
+        _exec(guest, ["rm", "-f", "/dev/shm/avr-fill"])
+    wait_for("the working set to fall back", lambda: _stats(guest).memory.working_set_bytes  # type: ignore[attr-defined]
+             .value <= ws0 + fill // 4, 60, every=2)
+
+
 def _reboot_and_check(guest: Guest, spec: dict[str, int]) -> float:
     """Reboots with `spec`; checks uptime, console and RUNNING all along; returns the
     seconds from the call to the new kernel's first console line."""
