@@ -20,13 +20,13 @@ from arktos_vm_runtime.adapters import dhcp
 SLOW_EXIT = """
 import os, signal, socket, sys, time
 ballast = b"\\x01" * (768 << 20)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", 0))
-sys.stdout.write(str(s.getsockname()[1]) + "\\n"); sys.stdout.flush()
 def term(*_):
     time.sleep(0.3)
     os._exit(0)
-signal.signal(signal.SIGTERM, term)
+signal.signal(signal.SIGTERM, term)  # before the port is printed: the test then signals
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+sys.stdout.write(str(s.getsockname()[1]) + "\\n"); sys.stdout.flush()
 while True:
     time.sleep(1)
 """
