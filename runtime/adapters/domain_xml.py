@@ -193,6 +193,11 @@ class DomainSpec:
         return self.max_vcpus or self.vcpus
 
     @property
+    def hotplug_vcpus(self) -> bool:
+        """vCPUs listed one by one, all but vCPU 0 hot-pluggable (see the template)."""
+        return self.vcpus_max > self.vcpus or self.vcpus > 1
+
+    @property
     def memory_max_mib(self) -> int:
         return self.max_memory_mib or self.memory_mib
 

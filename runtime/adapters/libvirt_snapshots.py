@@ -55,6 +55,21 @@ def _state_of(snapshot_xml_text: str) -> str:
     return state if state in (RUNNING, PAUSED) else SHUTOFF
 
 
+def cold_plugged_xml(snapshot_text: str) -> str | None:
+    """The snapshot XML with the vCPUs enabled in its saved domain marked not hot-pluggable
+    (see DomainSnapshots._cold_plugged); None when there is nothing to change (a disk-only
+    snapshot, or no enabled hot-pluggable vCPU)."""
+    if _state_of(snapshot_text) == SHUTOFF:
+        return None  # disk only: the VM boots, no state is loaded
+    root = ET.fromstring(snapshot_text)
+    changed = False
+    for vcpu in root.findall("./domain/vcpus/vcpu"):
+        if vcpu.get("enabled") == "yes" and vcpu.get("hotpluggable") == "yes":
+            vcpu.set("hotpluggable", "no")
+            changed = True
+    return ET.tostring(root, encoding="unicode") if changed else None
+
+
 class DomainSnapshots:
     """Snapshots of the domains `domains` owns (the same ownership rule: this instance's
     domain of the caller's sandbox)."""
@@ -88,6 +103,7 @@ class DomainSnapshots:
         with call(f"looking up snapshot {name!r} of the VM", uuid):  # NotFound if none
             snap = dom.snapshotLookupByName(name, 0)
         with call(f"restoring the VM to snapshot {name!r}", uuid):
+            snap = self._cold_plugged(dom, snap)
             try:
                 dom.revertToSnapshot(snap, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING)
             except libvirt.libvirtError as e:
@@ -96,6 +112,42 @@ class DomainSnapshots:
                         f"restoring VM {uuid} to snapshot {name!r} needs a restart of the "
                         f"VM (its devices changed since): {e.get_error_message()}") from e
                 raise
+
+    @staticmethod
+    def _cold_plugged(dom: libvirt.virDomain,
+                      snap: libvirt.virDomainSnapshot) -> libvirt.virDomainSnapshot:
+        """The snapshot, its saved domain redefined so that QEMU can load its memory state.
+
+        libvirt starts the new QEMU with -loadvm and adds hot-pluggable vCPUs only once
+        QEMU runs, after the state was loaded: a state holding them fails to load
+        ("Unknown savevm section or instance 'cpu_common' 1"). Marked not hot-pluggable in
+        the snapshot's domain, the vCPUs enabled at the snapshot are on QEMU's command
+        line, as in the saved state. The VM's own definition gets them back as hot-pluggable
+        after the restore (`rehotpluggable`), for the next start."""
+        text = cold_plugged_xml(snap.getXMLDesc(libvirt.VIR_DOMAIN_SNAPSHOT_XML_SECURE))
+        if text is None:
+            return snap
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
+        if snap.isCurrent(0):
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
+        return dom.snapshotCreateXML(text, flags)
+
+    def rehotpluggable(self, uuid: str, sandbox_id: str) -> None:
+        """After a restore: every vCPU but the first hot-pluggable again in the VM's
+        definition (the running QEMU keeps what it was started with until it stops)."""
+        dom = self._domains.owned(uuid, sandbox_id, "redefining")
+        if dom is None:
+            return
+        with call("redefining the VM's vCPUs as hot-pluggable", uuid):
+            root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE
+                                             | libvirt.VIR_DOMAIN_XML_SECURE))
+            vcpus = [v for v in root.findall("./vcpus/vcpu")
+                     if v.get("id") != "0" and v.get("hotpluggable") == "no"]
+            if not vcpus:
+                return
+            for v in vcpus:
+                v.set("hotpluggable", "yes")
+            dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
 
     def names(self, uuid: str, sandbox_id: str) -> dict[str, str] | None:
         """The VM's snapshots as libvirt lists them: name -> VM state held; None when the

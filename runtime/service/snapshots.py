@@ -30,7 +30,13 @@ from ..adapters import qemu_img
 from ..adapters.libvirt_domains import Domains
 from ..adapters.libvirt_snapshots import SHUTOFF, DomainSnapshots
 from ..checks import check_id, shown
-from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from ..errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RuntimeError_,
+)
 from .containers import Containers, now_ns
 from .designer import VmFiles
 from .podstate import PodState
@@ -145,6 +151,11 @@ class Snapshots:
                 self._containers.restart_locked(
                     cid, lambda: self._libvirt.revert(cid, rec.sandbox_id, snapshot_id),
                     "Restore")
+                try:
+                    self._libvirt.rehotpluggable(cid, rec.sandbox_id)
+                except RuntimeError_ as e:  # the restore itself succeeded
+                    log.warning("VM %s: its vCPUs stay cold-plugged until it is redefined: "
+                                "%s", cid, e, extra={"CONTAINER_ID": cid})
             else:
                 qemu_img.apply_snapshot(VmFiles(Path(rec.vm_dir)).root_disk, snapshot_id)
         log.info("VM %s restored to snapshot %s (the VM was %s)", cid, snapshot_id, st.state,
