@@ -66,7 +66,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
 
 
 def log_text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
+    """The file's text as written: bytes decoded without newline translation (read_text
+    turns a lone '\r', which a console line may hold, into '\n' and so cuts a record)."""
+    return path.read_bytes().decode(errors="replace") if path.exists() else ""
 
 
 def cri_records(text: str) -> list[str]:
