@@ -33,6 +33,7 @@ class RequestHead:
     method: str
     target: str
     headers: tuple[tuple[str, str], ...]   # (lowercased name, value) in arrival order
+    raw: bytes = b""                         # the head as received, final CRLF CRLF included
 
     def get_all(self, name: str) -> list[str]:
         return [v for n, v in self.headers if n == name.lower()]
@@ -70,7 +71,8 @@ def read_head(sock: socket.socket, timeout: float = HEAD_TIMEOUT) -> tuple[Reque
     head, rest = buf.split(b"\r\n\r\n", 1)
     if len(head) > MAX_HEAD:
         raise HeadError(431, f"request head over {MAX_HEAD} bytes")
-    return parse_head(head), rest
+    parsed = parse_head(head)
+    return RequestHead(parsed.method, parsed.target, parsed.headers, head + b"\r\n\r\n"), rest
 
 
 def parse_head(head: bytes) -> RequestHead:

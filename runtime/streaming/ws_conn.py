@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import http
 import logging
 import select
 import socket
@@ -62,10 +63,15 @@ class ServerProtocol(ServerConnection):
 
 
 def handshake(head: RequestHead, subprotocol: str) -> tuple[ServerProtocol, bytes, bool]:
-    """The protocol object, the response bytes, and whether it is a 101."""
+    """The protocol object, the response bytes, and whether it is a 101. The library parses
+    the head itself (its checks: method, Upgrade, Connection, key, version)."""
     proto = ServerProtocol(subprotocol)
-    request = Request(head.target, Headers(head.headers))
-    resp = proto.accept(request)
+    proto.receive_data(head.raw)
+    requests = [e for e in proto.events_received() if isinstance(e, Request)]
+    if requests:
+        resp = proto.accept(requests[0])
+    else:
+        resp = proto.reject(http.HTTPStatus.BAD_REQUEST, "malformed WebSocket handshake\n")
     ok = resp.status_code == 101
     if not ok:
         resp.headers["Connection"] = "close"
@@ -140,7 +146,7 @@ class WsConnection:
     def serve(self) -> None:
         try:
             self._loop()
-        except OSError as e:
+        except (OSError, EOFError) as e:
             log.debug("websocket: connection error: %s", e)
         finally:
             self.gone.set()
