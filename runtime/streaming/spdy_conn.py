@@ -121,8 +121,8 @@ class SpdyConnection:
         """Ends the session politely: FIN on every stream still open on our side, GOAWAY,
         then `serve` waits up to LINGER s for the client to close (so nothing is reset)."""
         with self._send_lock:
-            if self._finish_by is not None:
-                return
+            if self._finish_by is not None or self.gone.is_set():
+                return      # finishing already, or the connection is over
             self._finish_by = time.monotonic() + LINGER
             self.gone.set()
         with self._streams_lock:

@@ -119,6 +119,8 @@ class WsConnection:
                 for chunk in out:
                     if chunk:
                         self.sock.sendall(chunk)
+                    else:       # the library's end-of-stream: close handshake done
+                        self.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 self.gone.set()
                 return False
@@ -128,7 +130,7 @@ class WsConnection:
     def finish(self, code: int = 1000) -> None:
         """Close with `code`; `serve` waits up to LINGER s for the client's close."""
         with self._proto_lock:
-            if self._finish_by is not None:
+            if self._finish_by is not None or self.gone.is_set():
                 return
             self._finish_by = time.monotonic() + LINGER
             with contextlib.suppress(InvalidState):

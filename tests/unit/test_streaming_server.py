@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -277,6 +278,10 @@ def test_bad_requests(server: StreamingServer) -> None:
     assert http_request(url, "PUT", spdy_headers([V4])).status == 405
     garbage = http_request(server.base_url, raw=b"HELLO\r\n\r\n")
     assert garbage.status == 400
+    no_key = http_request(exec_url(server, "echo", "a", "b", "0"), "GET",
+                          [("Connection", "Upgrade"), ("Upgrade", "websocket"),
+                           ("Sec-WebSocket-Version", "13")])
+    assert no_key.status == 400 and b"Sec-WebSocket-Key" in no_key.body
     huge = http_request(server.base_url, raw=b"GET /exec/x HTTP/1.1\r\nX: " + b"a" * 20000
                         + b"\r\n\r\n")
     assert huge.status == 431
@@ -387,6 +392,30 @@ def test_ping_answered_and_goaway_ends_session(server: StreamingServer,
     c.send(sf.GoAway(5, 0))
     assert wait(lambda: fake.gone_seen == ["exec"])
     assert c.wait_closed()
+    c.close()
+
+
+def test_spdy_framing_error_ends_session(server: StreamingServer, fake: FakeBackends) -> None:
+    c = SpdyClient.connect(exec_url(server, "sleep", stderr=False), [V4])
+    exec_streams(c, stdin=False, stdout=True, stderr=False, tty=False)
+    assert wait(lambda: fake.running == 1)
+    c.sock.sendall(struct.pack(">HHI", 0x8003, 5, 0))       # no such control frame type
+    assert c.wait_closed()
+    assert c.goaway is not None and c.goaway.status == 1    # PROTOCOL_ERROR
+    assert wait(lambda: fake.gone_seen == ["exec"] and server.session_count() == 0)
+    c.close()
+
+
+def test_spdy_port_forward_without_requestid(server: StreamingServer, fake: FakeBackends,
+                                             echo: EchoServer) -> None:
+    """Old clients send no requestid: error stream id N pairs with data stream id N+2."""
+    fake.ports = {8080: echo.port}
+    c = SpdyClient.connect(server.port_forward_url("sb1", []), ["portforward.k8s.io"])
+    err = c.open({"streamtype": "error", "port": "8080"})
+    data = c.open({"streamtype": "data", "port": "8080"})
+    assert (err.id, data.id) == (1, 3)
+    data.write(b"paired")
+    assert data.read_until(b"paired") == b"paired"
     c.close()
 
 
