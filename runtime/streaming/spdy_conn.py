@@ -118,7 +118,8 @@ class SpdyConnection:
             return True
 
     def finish(self) -> None:
-        """Ends the session politely: FIN on every stream still open on our side, GOAWAY,
+        """Ends the session politely: FIN on every stream still open on our side (newest
+        first, so remote command's error stream closes after stdout and stderr), GOAWAY,
         then `serve` waits up to LINGER s for the client to close (so nothing is reset)."""
         with self._send_lock:
             if self._finish_by is not None or self.gone.is_set():
@@ -127,7 +128,7 @@ class SpdyConnection:
             self.gone.set()
         with self._streams_lock:
             open_streams = list(self._streams.values())
-        for stream in open_streams:
+        for stream in reversed(open_streams):     # the first opened (error) last
             stream.close()
         self.send(sf.GoAway(self._last_in, sf.GOAWAY_OK))
         with contextlib.suppress(OSError):

@@ -19,6 +19,7 @@ import pytest
 
 from arktos_vm_runtime.errors import FailedPrecondition, ResourceExhausted
 from arktos_vm_runtime.service.stream_io import StreamIO
+from arktos_vm_runtime.streaming import spdy_frames as sf
 from arktos_vm_runtime.streaming.server import StreamingServer
 from tests.go_client import spdyclient
 from tests.spdy_client import (
@@ -225,6 +226,11 @@ def run_spdy_exec(url: str, protocols: list[str] | None, *, stdin: bytes | None 
         out["protocol"] = c.protocol
         assert wait(lambda: c.goaway is not None), "no GOAWAY from the server"
         assert c.goaway is not None and c.goaway.status == 0
+        # all output, then the status, then FINs with the error stream's last, then GOAWAY
+        fins = [f.stream_id for f in c.frames_in if isinstance(f, sf.DataFrame) and f.fin]
+        assert sorted(fins) == sorted(s.id for s in st.values())
+        assert fins[-1] == st["error"].id
+        assert isinstance(c.frames_in[-1], sf.GoAway)
         return out
     finally:
         c.close()
@@ -382,7 +388,6 @@ def test_spdy_stream_creation_timeout(server: StreamingServer, fake: FakeBackend
 
 def test_ping_answered_and_goaway_ends_session(server: StreamingServer,
                                                fake: FakeBackends) -> None:
-    from arktos_vm_runtime.streaming import spdy_frames as sf
     c = SpdyClient.connect(exec_url(server, "sleep", stderr=False), [V4])
     exec_streams(c, stdin=False, stdout=True, stderr=False, tty=False)
     c.send(sf.Ping(1))
@@ -667,7 +672,8 @@ def test_go_spdystream_exec(server: StreamingServer) -> None:
     status = json.loads(r.stderr.split(b"ERROR: ", 1)[1])
     assert status["reason"] == "NonZeroExitCode"
     assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
-    cat = go_client("exec", exec_url(server, "cat", stdin=True, stderr=False), V4, "1", "0",
+    # the Go client opens stderr whenever there is no tty: the request asks for it too
+    cat = go_client("exec", exec_url(server, "cat", stdin=True), V4, "1", "0",
                     stdin=b"through spdystream\n" * 1000)
     assert cat.returncode == 0, cat.stderr
     assert cat.stdout == b"through spdystream\n" * 1000
