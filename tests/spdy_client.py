@@ -143,11 +143,13 @@ class SpdyClient:
     goaway: sf.GoAway | None = None
     closed: threading.Event = field(default_factory=threading.Event)
     frames_in: list[sf.Frame] = field(default_factory=list)
+    reading: threading.Event = field(default_factory=threading.Event)   # clear: stop reading
 
     def __post_init__(self) -> None:
         self._next = 1
         self._lock = threading.Lock()
         self._comp = sf.HeaderCompressor()
+        self.reading.set()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -179,6 +181,7 @@ class SpdyClient:
         parser = sf.FrameParser(max_frame=sf.MAX_DATA_LENGTH)
         try:
             while True:
+                self.reading.wait()
                 data = self.sock.recv(65536)
                 if not data:
                     break
@@ -218,6 +221,7 @@ class SpdyClient:
             self.goaway = frame
 
     def close(self) -> None:
+        self.reading.set()
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)   # wakes the reader; close() alone does not
         self._reader.join(TIMEOUT)

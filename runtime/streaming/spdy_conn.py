@@ -151,6 +151,8 @@ class SpdyConnection:
             log.debug("spdy: connection error: %s", e)
         finally:
             self.gone.set()
+            with contextlib.suppress(OSError):      # wakes writers blocked on a stuck client
+                self.sock.shutdown(socket.SHUT_RDWR)
             try:
                 self.handler.ended()
             finally:

@@ -152,6 +152,8 @@ class WsConnection:
             log.debug("websocket: connection error: %s", e)
         finally:
             self.gone.set()
+            with contextlib.suppress(OSError):      # wakes writers blocked on a stuck client
+                self.sock.shutdown(socket.SHUT_RDWR)
             self.handler.ended()
 
     def _loop(self) -> None:

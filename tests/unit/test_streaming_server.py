@@ -594,6 +594,26 @@ def test_idle_timeout(fake: FakeBackends) -> None:
         srv.stop()
 
 
+def test_client_that_stops_reading_is_cut_off_by_idle_timeout(fake: FakeBackends) -> None:
+    """A client alive but not reading: the writer blocks in send, nothing moves, the idle
+    timeout ends the session and the blocked writer returns."""
+    srv = StreamingServer(fake, idle_timeout=1.0)
+    srv.start()
+    try:
+        c = SpdyClient.connect(exec_url(srv, "big", "2000", stderr=False), [V4])
+        st = exec_streams(c, stdin=False, stdout=True, stderr=False, tty=False)
+        assert wait(lambda: fake.running == 1)
+        assert st["stdout"].read_until(b"x") != b""      # output flows...
+        c.reading.clear()                                 # ...then the client stops reading
+        t0 = time.monotonic()
+        assert wait(lambda: fake.running == 0 and srv.session_count() == 0, 15)
+        assert time.monotonic() - t0 < 8
+        c.close()
+        assert len(st["stdout"].read_all()) < 2000 * 65536
+    finally:
+        srv.stop()
+
+
 def test_stop_ends_sessions(fake: FakeBackends) -> None:
     srv = StreamingServer(fake)
     srv.start()
