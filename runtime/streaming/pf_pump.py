@@ -25,6 +25,7 @@ CONNECT_TIMEOUT = 10.0
 READ_SIZE = 64 * 1024
 PIPE_LIMIT = 256 * 1024
 JOIN_GRACE = 15.0
+FEED_POLL = 0.25
 
 Send = Callable[[bytes], bool]
 
@@ -42,6 +43,8 @@ class Forward:
         self.sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._aborted = False
+        self._ended = False
+        self._input_closed = False
         self._down = threading.Thread(target=self._run_down, name=f"pf-down-{port}",
                                       daemon=True)
         self._up: threading.Thread | None = None
@@ -49,16 +52,20 @@ class Forward:
     def start(self) -> None:
         self._down.start()
 
-    def feed(self, data: bytes) -> None:
-        """Client bytes for the guest (blocks while PIPE_LIMIT bytes wait)."""
-        self.pipe.feed(data)
+    def feed(self, data: bytes, stop: threading.Event) -> None:
+        """Client bytes for the guest; waits while PIPE_LIMIT bytes wait (the connection's
+        reader pauses: backpressure) until there is room, the forward ends or `stop`."""
+        while not self._ended and not self._input_closed and not stop.is_set():
+            if self.pipe.feed(data, FEED_POLL):
+                return
 
     def client_eof(self) -> None:
+        self._input_closed = True
         self.pipe.close()
 
     def abort(self) -> None:
         with self._lock:
-            self._aborted = True
+            self._aborted = self._ended = True
             sock = self.sock
         self.pipe.close()
         if sock is not None:
@@ -78,6 +85,7 @@ class Forward:
             if connected:
                 self._copy_down()
         finally:
+            self._ended = True
             self.pipe.close()
             up = self._up
             if up is not None:

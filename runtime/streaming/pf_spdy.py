@@ -104,7 +104,7 @@ class SpdyPortForward:
     def data(self, stream: SpdyStream, data: bytes) -> None:
         pair = self.by_stream.get(stream.id)
         if pair is not None and pair.forward is not None and stream.header("streamtype") == "data":
-            pair.forward.feed(data)
+            pair.forward.feed(data, self.conn.gone)
 
     def half_closed(self, stream: SpdyStream) -> None:
         pair = self.by_stream.get(stream.id)

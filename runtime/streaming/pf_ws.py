@@ -56,7 +56,7 @@ class WsPortForward:
 
     def message(self, channel: int, data: bytes) -> None:
         if channel % 2 == 0 and channel // 2 < len(self.forwards):
-            self.forwards[channel // 2].feed(data)
+            self.forwards[channel // 2].feed(data, self.conn.gone)
 
     def channel_closed(self, channel: int) -> None:
         pass

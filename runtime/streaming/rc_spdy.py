@@ -75,7 +75,7 @@ class SpdyRemoteCommand:
 
     def data(self, stream: SpdyStream, data: bytes) -> None:
         if stream is self.streams.get("stdin"):
-            self.cmd.feed_stdin(data)
+            self.cmd.feed_stdin(data, self.conn.gone)
         elif stream is self.streams.get("resize"):
             self.cmd.resize(data)
 

@@ -45,7 +45,7 @@ class WsRemoteCommand:
 
     def message(self, channel: int, data: bytes) -> None:
         if channel == STDIN:
-            self.cmd.feed_stdin(data)
+            self.cmd.feed_stdin(data, self.conn.gone)
         elif channel == RESIZE:
             self.cmd.resize(data)
 

@@ -22,6 +22,7 @@ from .tokens import AttachRequest, ExecRequest
 log = logging.getLogger(__name__)
 
 MAX_RESIZE_BUFFER = 4096
+FEED_POLL = 0.25      # s between checks of the session's end while stdin is full
 WORKER_GRACE = 30.0    # s the session waits for a backend to return after `gone`
 
 Send = Callable[[bytes], bool]   # False once the client can no longer be written to
@@ -101,6 +102,7 @@ class Command:
         self.stdin = InputPipe() if request.stdin else None
         self.io = StreamIO(stdin=self.stdin, stdout=None, stderr=None, tty=request.tty)
         self.resizes = ResizeParser()
+        self._stdin_closed = False
         self._worker: threading.Thread | None = None
 
     def writer(self, send: Send) -> Callable[[bytes], None]:
@@ -111,11 +113,15 @@ class Command:
                 gone.set()
         return write
 
-    def feed_stdin(self, data: bytes) -> None:
-        if self.stdin is not None:
-            self.stdin.feed(data)
+    def feed_stdin(self, data: bytes, stop: threading.Event) -> None:
+        """Client bytes for the backend; waits while the pipe is full (the connection's
+        reader pauses: backpressure) until there is room, stdin closes or `stop` is set."""
+        while self.stdin is not None and not self._stdin_closed and not stop.is_set():
+            if self.stdin.feed(data, FEED_POLL):
+                return
 
     def close_stdin(self) -> None:
+        self._stdin_closed = True
         if self.stdin is not None:
             self.stdin.close()
 

@@ -615,12 +615,24 @@ def test_client_that_stops_reading_is_cut_off_by_idle_timeout(fake: FakeBackends
 
 
 def test_stop_ends_sessions(fake: FakeBackends) -> None:
+    """Even one whose reader waits on a full stdin pipe (the backend never reads stdin)."""
     srv = StreamingServer(fake)
     srv.start()
-    c = SpdyClient.connect(exec_url(srv, "sleep", stderr=False), [V4])
-    exec_streams(c, stdin=False, stdout=True, stderr=False, tty=False)
+    c = SpdyClient.connect(srv.exec_url("c1", ["sleep"], tty=False, stdin=True, stdout=True,
+                                        stderr=False), [V4])
+    st = exec_streams(c, stdin=True, stdout=True, stderr=False, tty=False)
     assert wait(lambda: fake.running == 1)
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(48):
+                st["stdin"].write(b"y" * 65536)
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    time.sleep(1)
+    t0 = time.monotonic()
     srv.stop()
+    assert time.monotonic() - t0 < 5
     assert fake.gone_seen == ["exec"] and srv.session_count() == 0
     assert c.wait_closed()
     c.close()
