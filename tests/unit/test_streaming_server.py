@@ -317,6 +317,19 @@ def test_missing_upgrade_headers_400(server: StreamingServer, fake: FakeBackends
     assert fake.calls == []
 
 
+def test_websocket_first_supported_client_offer_wins(server: StreamingServer) -> None:
+    ws = WsClient(exec_url(server, "echo", "o", "e", "0"),
+                  ["v9.channel.k8s.io", "base64.channel.k8s.io", "v4.channel.k8s.io"])
+    assert ws.subprotocol == "base64.channel.k8s.io"
+    assert ws.wait_closed() and ws.channel(1) == b"o" and ws.text_frames > 0
+    ws.close()
+    # portforward.k8s.io is SPDY's; and v5 is not offered for WebSocket port forward
+    for offer in (["portforward.k8s.io"], ["v5.channel.k8s.io"]):
+        pf = WsClient(server.port_forward_url("sb1", [80]), offer)
+        assert pf.status == 403
+        pf.close()
+
+
 def test_spdy_picks_first_supported_offer(server: StreamingServer) -> None:
     out = run_spdy_exec(exec_url(server, "echo", "o", "e", "0"),
                         ["v5.channel.k8s.io", "v3.channel.k8s.io", V4])
