@@ -13,11 +13,13 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from websockets.client import ClientConnection
 from websockets.connection import State
+from websockets.datastructures import Headers
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.typing import Subprotocol
@@ -246,13 +248,29 @@ def exec_streams(client: SpdyClient, *, stdin: bool, stdout: bool, stderr: bool,
     return out
 
 
+class _ClientConnection(ClientConnection):
+    """websockets' client, taking the server's subprotocol as written: SPDY/3.1+portforward...
+    is no RFC 7230 token, which the library's parser insists on (Go's clients do not)."""
+
+    def process_subprotocol(self, headers: Headers) -> Subprotocol | None:
+        values = headers.get_all("Sec-WebSocket-Protocol")
+        if not values:
+            return None
+        if len(values) > 1 or values[0] not in (self.available_subprotocols or []):
+            raise AssertionError(f"server chose subprotocol {values}")
+        return Subprotocol(values[0])
+
+
 class WsClient:
     """The channel protocols over websockets' sans-I/O client on a plain socket."""
 
-    def __init__(self, url: str, subprotocols: list[str] | None) -> None:
+    def __init__(self, url: str, subprotocols: list[str] | None,
+                 on_raw: Callable[[bytes], None] | None = None) -> None:
+        """on_raw: every binary message as it is (no channels; the SPDY tunnel)."""
+        self.on_raw = on_raw
         u = urlsplit(url)
         self.sock = socket.create_connection((u.hostname or "", u.port or 80), timeout=TIMEOUT)
-        self.proto = ClientConnection(
+        self.proto = _ClientConnection(
             parse_uri("ws://" + u.netloc + u.path),
             subprotocols=[Subprotocol(p) for p in subprotocols] if subprotocols else None)
         self.base64 = False
@@ -264,7 +282,11 @@ class WsClient:
         self.response: Response | None = None
         self._cond = threading.Condition()
         self._lock = threading.Lock()
-        self.proto.send_request(self.proto.connect())
+        request = self.proto.connect()
+        if subprotocols:      # as Go clients write it (the library refuses '/' and '+')
+            del request.headers["Sec-WebSocket-Protocol"]
+            request.headers["Sec-WebSocket-Protocol"] = ", ".join(subprotocols)
+        self.proto.send_request(request)
         self._flush()
         self._handshake()
 
@@ -327,6 +349,9 @@ class WsClient:
         if ev.opcode not in (Opcode.TEXT, Opcode.BINARY):
             return
         data = bytes(ev.data)
+        if self.on_raw is not None:
+            self.on_raw(data)
+            return
         if ev.opcode == Opcode.TEXT:
             self.text_frames += 1
             ch, payload = data[0] - 48, base64.b64decode(data[1:])
@@ -382,3 +407,31 @@ class WsClient:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+def tunnel_client(url: str) -> tuple[WsClient, SpdyClient]:
+    """Port forward as crictl v1.36 `--transport websocket`: SPDY inside binary WebSocket
+    messages (subprotocol SPDY/3.1+portforward.k8s.io), bridged through a socket pair."""
+    mine, bridge = socket.socketpair()
+    ws = WsClient(url, ["SPDY/3.1+portforward.k8s.io"], on_raw=bridge.sendall)
+    if ws.status != 101:
+        bridge.close()
+        mine.close()
+        raise AssertionError(f"tunnel upgrade: {ws.status}")
+
+    def pump() -> None:
+        while True:
+            try:
+                data = bridge.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                ws.send_raw(data)
+            except Exception:
+                break
+        bridge.close()
+
+    threading.Thread(target=pump, daemon=True).start()
+    return ws, SpdyClient(mine, "portforward.k8s.io")

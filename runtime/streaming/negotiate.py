@@ -16,7 +16,8 @@ PF_SPDY = ("portforward.k8s.io",)
 # WebSocket subprotocols ("" = the client offered none)
 RC_WS = ("v5.channel.k8s.io", "v4.channel.k8s.io", "v4.base64.channel.k8s.io",
          "channel.k8s.io", "base64.channel.k8s.io", "")
-PF_WS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", "")
+PF_TUNNEL = "SPDY/3.1+portforward.k8s.io"     # SPDY port forward inside WebSocket
+PF_WS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io", PF_TUNNEL, "")
 
 # channel protocol version of each remote-command protocol name
 RC_VERSION = {"channel.k8s.io": 1, "": 1, "v2.channel.k8s.io": 2, "v3.channel.k8s.io": 3,

@@ -20,6 +20,7 @@ from ..service.stream_io import StreamBackends
 from . import negotiate as ng
 from .http_head import HeadError, RequestHead, read_head, response
 from .pf_spdy import SpdyPortForward
+from .pf_tunnel import serve_tunnel
 from .pf_ws import MAX_WS_PORTS, WsPortForward
 from .rc_spdy import SpdyRemoteCommand
 from .rc_ws import WsRemoteCommand
@@ -234,6 +235,9 @@ class StreamingServer:
     def _websocket(self, session: _Session, head: RequestHead, rest: bytes, request: Request,
                    protocol: str) -> None:
         sock = session.sock
+        if isinstance(request, PortForwardRequest) and protocol == ng.PF_TUNNEL:
+            self._tunnel(session, head, rest, request)
+            return
         if isinstance(request, PortForwardRequest) and not (
                 0 < len(request.ports) <= MAX_WS_PORTS):
             sock.sendall(response(400, body="port forward over WebSocket needs 1 to "
@@ -257,3 +261,15 @@ class StreamingServer:
             conn.serve()
         finally:
             handler.join()
+
+    def _tunnel(self, session: _Session, head: RequestHead, rest: bytes,
+                request: PortForwardRequest) -> None:
+        proto, reply, ok = handshake(head, ng.PF_TUNNEL)
+        session.sock.sendall(reply)
+        if not ok:
+            return
+        inner = SpdyPortForward(self.backends, request, self.stream_timeout)
+
+        def register(conn: WsConnection) -> None:
+            session.conn = conn
+        serve_tunnel(session.sock, proto, rest, inner, self.idle_timeout, register)

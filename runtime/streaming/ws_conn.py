@@ -81,11 +81,13 @@ def handshake(head: RequestHead, subprotocol: str) -> tuple[ServerProtocol, byte
 
 class WsConnection:
     def __init__(self, sock: socket.socket, proto: ServerProtocol, handler: WsHandler, *,
-                 base64_channels: bool, idle_timeout: float, initial: bytes = b"") -> None:
+                 base64_channels: bool, idle_timeout: float, initial: bytes = b"",
+                 channels: bool = True) -> None:
         self.sock = sock
         self.proto = proto
         self.handler = handler
         self.base64 = base64_channels
+        self.channels = channels     # False: whole binary messages (the SPDY tunnel)
         self.idle_timeout = idle_timeout
         self.gone = threading.Event()
         self._initial = initial
@@ -98,11 +100,14 @@ class WsConnection:
 
     # -- writing (any thread) ---------------------------------------------------------------
     def send(self, channel: int, data: bytes) -> bool:
+        """One message on `channel` (channel -1: `data` as it is, one binary message)."""
         with self._proto_lock:
             if self.gone.is_set() or self.proto.state is not State.OPEN:
                 return False
             try:
-                if self.base64:
+                if channel < 0:
+                    self.proto.send_binary(data)
+                elif self.base64:
                     self.proto.send_text(bytes([48 + channel]) + base64.b64encode(data))
                 else:
                     self.proto.send_binary(bytes([channel]) + data)
@@ -208,7 +213,9 @@ class WsConnection:
         self._parts, self._parts_size = [], 0
         if self._finish_by is not None or not message:
             return
-        if self.base64:
+        if not self.channels:
+            self.handler.message(-1, message)
+        elif self.base64:
             if message[0] < 48:
                 return
             try:

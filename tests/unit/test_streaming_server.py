@@ -28,6 +28,7 @@ from tests.spdy_client import (
     exec_streams,
     http_request,
     spdy_headers,
+    tunnel_client,
 )
 
 V4 = "v4.channel.k8s.io"
@@ -566,6 +567,27 @@ def test_ws_port_forward(server: StreamingServer, fake: FakeBackends, echo: Echo
         assert wait(lambda: echo.open == 0 and server.session_count() == 0)
 
 
+def test_spdy_port_forward_tunnelled_in_websocket(server: StreamingServer, fake: FakeBackends,
+                                                  echo: EchoServer) -> None:
+    """crictl v1.36 --transport websocket: SPDY frames inside binary messages."""
+    fake.ports = {8080: echo.port, 81: closed_port()}
+    ws, c = tunnel_client(server.port_forward_url("sb1", []))
+    assert ws.subprotocol == "SPDY/3.1+portforward.k8s.io"
+    c.open({"streamtype": "error", "port": "8080", "requestid": "0"}).close()
+    data = c.open({"streamtype": "data", "port": "8080", "requestid": "0"})
+    payload = os.urandom(200_000)
+    data.write(payload)
+    assert wait(lambda: len(data.read_until(b"\0" * 64, 0.1)) >= len(payload))
+    assert data.read_until(b"") == payload
+    err = c.open({"streamtype": "error", "port": "81", "requestid": "1"})
+    err.close()
+    c.open({"streamtype": "data", "port": "81", "requestid": "1"})
+    assert err.read_all().startswith(b"error forwarding port 81 to pod sb1, uid : ")
+    ws.close()
+    assert wait(lambda: echo.open == 0 and server.session_count() == 0)
+    c.close()
+
+
 def test_ws_port_forward_ends_when_ports_end(server: StreamingServer,
                                             fake: FakeBackends) -> None:
     fake.ports = {81: closed_port()}
@@ -651,7 +673,7 @@ def test_stop_ends_sessions(fake: FakeBackends) -> None:
     c.close()
 
 
-@pytest.mark.parametrize("transport", ["spdy", "ws", "spdy-pf", "ws-pf"])
+@pytest.mark.parametrize("transport", ["spdy", "ws", "spdy-pf", "ws-pf", "tunnel-pf"])
 def test_client_vanishing_mid_stream_leaks_nothing(fake: FakeBackends, echo: EchoServer,
                                                     transport: str) -> None:
     fake.ports = {8080: echo.port}
@@ -682,6 +704,14 @@ def test_client_vanishing_mid_stream_leaks_nothing(fake: FakeBackends, echo: Ech
                 d.write(b"x")
                 assert d.read_until(b"x") == b"x"
                 c.sock.shutdown(socket.SHUT_RDWR)
+                c.close()
+            elif transport == "tunnel-pf":
+                ws, c = tunnel_client(srv.port_forward_url("sb1", []))
+                c.open({"streamtype": "error", "port": "8080", "requestid": "0"}).close()
+                d = c.open({"streamtype": "data", "port": "8080", "requestid": "0"})
+                d.write(b"x")
+                assert d.read_until(b"x") == b"x"
+                ws.drop()
                 c.close()
             else:
                 ws = WsClient(srv.port_forward_url("sb1", [8080]), ["v4.channel.k8s.io"])
