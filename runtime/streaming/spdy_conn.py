@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 POLL = 0.5            # s between deadline checks while nothing arrives
 LINGER = 2.0          # s to wait for the client's close after our GOAWAY
+MAX_STREAMS = 256     # open streams per connection (port forward: 2 per TCP connection)
 
 
 class SpdyStream:
@@ -221,6 +222,12 @@ class SpdyConnection:
             raise sf.FrameError(f"client stream id {frame.stream_id} not odd and increasing")
         self._last_in = frame.stream_id
         stream = SpdyStream(self, frame.stream_id, frame.headers)
+        with self._streams_lock:
+            full = len(self._streams) >= MAX_STREAMS
+        if full:
+            log.info("spdy: %d streams open on one connection; refusing more", MAX_STREAMS)
+            stream.reset(sf.RST_REFUSED_STREAM)
+            return
         if self._finish_by is not None or not self.handler.accept(stream):
             stream.reset()
             return

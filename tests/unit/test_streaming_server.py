@@ -425,6 +425,16 @@ def test_spdy_framing_error_ends_session(server: StreamingServer, fake: FakeBack
     c.close()
 
 
+def test_spdy_streams_per_connection_are_bounded(server: StreamingServer) -> None:
+    c = SpdyClient.connect(exec_url(server, "sleep", stderr=False), [V4])
+    for _ in range(256):
+        c.open({"streamtype": "bogus"}, wait=False)
+    last = c.open({"streamtype": "bogus"})
+    assert last.refused
+    assert all(s.replied.is_set() and not s.refused for s in list(c.streams.values())[:256])
+    c.close()
+
+
 def test_spdy_port_forward_without_requestid(server: StreamingServer, fake: FakeBackends,
                                              echo: EchoServer) -> None:
     """Old clients send no requestid: error stream id N pairs with data stream id N+2."""
