@@ -57,3 +57,7 @@ def spdyclient() -> Path:
                 raise GoClientUnavailable(f"building tests/go/spdyclient failed:\n{r.stderr}")
             os.replace(Path(tmp) / "bin", out)
     return out
+
+
+if __name__ == "__main__":      # tools/test builds it before the tests, like the guests
+    print(spdyclient())
