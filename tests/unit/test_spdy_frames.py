@@ -4,11 +4,14 @@ tests/unit/golden/spdy_spdystream_frames.hex), and the preset dictionary's figur
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from arktos_vm_runtime.streaming import spdy_frames as sf
 from arktos_vm_runtime.streaming.spdy_dictionary import (
@@ -146,3 +149,29 @@ def test_header_bomb_is_bounded() -> None:
     wire = struct.pack(">HHI", 0x8003, 2, 4 + len(block)) + b"\0\0\0\1" + block
     with pytest.raises(sf.FrameError, match="over"):
         list(sf.FrameParser().feed(wire))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=1, max_value=40))
+def test_arbitrary_bytes_are_frames_or_frame_errors(data: bytes, split: int) -> None:
+    """Whatever a client sends, the parser yields frames or raises FrameError, nothing else;
+    with a valid SYN_STREAM first, so the header decompressor is exercised too."""
+    prefix = captured()[0]
+    parser = sf.FrameParser()
+    try:
+        for pos in range(0, len(prefix + data), split):
+            list(parser.feed((prefix + data)[pos:pos + split]))
+    except sf.FrameError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)),
+                min_size=1, max_size=6))
+def test_corrupted_captured_frames_are_frames_or_frame_errors(
+        flips: list[tuple[int, int]]) -> None:
+    wire = bytearray(b"".join(captured()))
+    for pos, value in flips:
+        wire[pos % len(wire)] = value
+    with contextlib.suppress(sf.FrameError):
+        list(sf.FrameParser().feed(bytes(wire)))
