@@ -88,7 +88,7 @@ class SpdyRemoteCommand:
             missing = sorted(self.expected - set(self.streams))
             log.info("remote command: client created no %s stream in time; abandoned",
                      "/".join(missing))
-            self.started = True     # never now
+            self.started = True     # it never will now
             err = self.streams.get("error")
             if err is not None:
                 err.write(b"timed out waiting for client to create streams: missing "

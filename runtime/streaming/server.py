@@ -151,6 +151,8 @@ class StreamingServer:
                 sock, _peer = self._listener.accept()
             except OSError:
                 continue
+            with contextlib.suppress(OSError):   # typed keys and echoes are small writes
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 full = len(self._sessions) >= self.max_connections
                 if not full:
