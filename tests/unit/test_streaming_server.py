@@ -1,6 +1,7 @@
 """The streaming server (runtime/streaming/server.py) on loopback, with a fake StreamBackends
 (the project's own interface, service/stream_io.py) and real clients: tests/spdy_client.py
-(SPDY and WebSocket) and tests/go/spdyclient (docker/spdystream, as client-go) where noted.
+(SPDY), tests/ws_client.py (WebSocket) and, where noted, tests/go/spdyclient
+(docker/spdystream, the library client-go uses).
 """
 
 from __future__ import annotations
@@ -22,14 +23,8 @@ from arktos_vm_runtime.service.stream_io import StreamIO
 from arktos_vm_runtime.streaming import spdy_frames as sf
 from arktos_vm_runtime.streaming.server import StreamingServer
 from tests.go_client import spdyclient
-from tests.spdy_client import (
-    SpdyClient,
-    WsClient,
-    exec_streams,
-    http_request,
-    spdy_headers,
-    tunnel_client,
-)
+from tests.spdy_client import SpdyClient, exec_streams, http_request, spdy_headers
+from tests.ws_client import WsClient, tunnel_client
 
 V4 = "v4.channel.k8s.io"
 RC_OFFER = [V4, "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io"]
