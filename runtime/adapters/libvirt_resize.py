@@ -96,12 +96,17 @@ class DomainResizer:
     def _set_live_vcpus(dom: libvirt.virDomain, uuid: str, vcpus: int) -> None:
         """Hot-plug or unplug to `vcpus`, live and in the config. For an unplug the guest
         is first asked (through its agent, if any) to take the CPUs offline, so it only
-        has to let them go; when it has not done so within libvirt's wait, the request
-        stands (the guest may still complete it), the config is set, and the call
-        succeeds: ContainerStatus reports the vCPUs present until the guest lets go."""
+        has to let them go. An unplug libvirt does not see complete stands: the config is
+        set and the call succeeds, and ContainerStatus reports the vCPUs libvirt counts.
+        That is libvirt's 5 s wait running out (the guest has not let go, or, under TCG
+        with QEMU 7.2, it has but QEMU never tells libvirt: see README, Live resize), and
+        a request sent again while an earlier one stands (the config below libvirt's live
+        count), which libvirt fails, without a cause when QEMU has already dropped the
+        vCPU it retries."""
         what = f"setting the VM's vCPUs to {vcpus}"
         with call(what, uuid):
             present = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            configured = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         if vcpus < present:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_VCPU_GUEST)
@@ -110,10 +115,13 @@ class DomainResizer:
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_LIVE
                                   | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
             except libvirt.libvirtError as e:
-                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_TIMEOUT:
+                timed_out = e.get_error_code() == libvirt.VIR_ERR_OPERATION_TIMEOUT
+                standing = configured < present and vcpus < present \
+                    and dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == present
+                if not (timed_out or standing):
                     raise
-                log.info("the guest of %s has not released its vCPUs yet (%s); the "
-                         "unplug request stands", uuid, e.get_error_message(),
+                log.info("the unplug of vCPUs of %s down to %d stands; libvirt still counts "
+                         "%d (%s)", uuid, vcpus, present, e.get_error_message(),
                          extra={"CONTAINER_ID": uuid})
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 

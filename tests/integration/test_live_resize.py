@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,12 +280,49 @@ def test_size_survives_a_restart_and_lower_quotas_are_enforced(pod: Pod) -> None
     _settle(pod, 3, 700, (PERIOD, 3 * PERIOD, 700 * MIB))
 
 
-@pytest.mark.xfail(reason="vCPU hot-unplug under TCG here (QEMU 7.2, libvirt 9): the guest "
-                   "ejects the CPU but libvirt's unplug times out and its live count stays; "
-                   "see README, Live resize", strict=False)
+def _qemu_plugged_vcpus(pod: Pod) -> int:
+    """vCPUs QEMU itself has plugged (query-hotpluggable-cpus slots with a QOM path)."""
+    out = json.loads(libvirt_qemu.qemuMonitorCommand(
+        pod.dom(), '{"execute": "query-hotpluggable-cpus"}', 0))
+    return sum(1 for slot in out["return"] if slot.get("qom-path"))
+
+
+def _tcg_qemu_7_2(pod: Pod) -> bool:
+    """The platform of README's 'Live resize' finding: TCG (domain type qemu) on QEMU 7.2,
+    where QEMU drops an unplugged vCPU but never tells libvirt (DEVICE_DELETED)."""
+    dom = pod.dom()
+    return ET.fromstring(dom.XMLDesc(0)).get("type") == "qemu" \
+        and dom.connect().getVersion() // 1000 == 7_002
+
+
 def test_vcpus_shrink_live(pod: Pod) -> None:
-    update(pod, "v1", PERIOD, 700)
-    _settle(pod, 1, 700, (PERIOD, PERIOD, 700 * MIB))
+    """3 -> 1 vCPUs on the running VM. Where unplug completes (KVM, a QEMU that sends
+    DEVICE_DELETED) everything shows 1. Under TCG on QEMU 7.2 (this machine) the documented
+    outcome, exactly: the call succeeds; the guest has 1 CPU online and let go of the vCPU
+    libvirt asked for, which QEMU dropped (2 left); libvirt never hears of it, so it and
+    ContainerStatus still count 3, while the config has 1 for the next start. The kubelet's
+    re-sent request succeeds and changes nothing."""
+    if not _tcg_qemu_7_2(pod):
+        update(pod, "v1", PERIOD, 700)
+        _settle(pod, 1, 700, (PERIOD, PERIOD, 700 * MIB))
+        return
+    assert (libvirt_size(pod)[0], _qemu_plugged_vcpus(pod), nproc(pod)) == (3, 3, 3)
+    for _ in range(2):  # the request, then the kubelet sending it again
+        update(pod, "v1", PERIOD, 700)
+        try:
+            wait_for("nproc 1 in the guest", lambda: nproc(pod) == 1, 60, every=1)
+            wait_for("QEMU dropping the vCPU the guest let go",
+                     lambda: _qemu_plugged_vcpus(pod) == 2, 60, every=1)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; {_diagnose(pod)}") from None
+        present = guest_run(pod.dom(), "/bin/cat", "/sys/devices/system/cpu/present").strip()
+        assert present == "0-1", present  # vCPU 2 gone from the guest's present mask too
+        assert libvirt_size(pod) == (3, 700), _diagnose(pod)  # libvirt never heard of it
+        for api in APIS:
+            assert resources(pod, api) == (PERIOD, 3 * PERIOD, 700 * MIB), api
+        inactive = ET.fromstring(pod.dom().XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        vcpu = inactive.find("vcpu")
+        assert vcpu is not None and (vcpu.get("current"), vcpu.text) == ("1", "3")
 
 
 def test_a_stopped_vm_is_resized_in_its_config(pod: Pod) -> None:
