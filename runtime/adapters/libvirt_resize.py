@@ -7,8 +7,9 @@ change also writes) and the maxima the domain was defined with. `apply` changes 
 domain with AFFECT_LIVE|AFFECT_CONFIG, a stopped one with AFFECT_CONFIG, so the new size
 survives a restart of the VM and of the daemon (the domain XML is the one place it is
 kept). vCPUs are hot-plugged and hot-unplugged (ACPI; unplug needs the guest to let the
-CPU go, and libvirt waits a few seconds for it); the guest agent, when the guest has one,
-is then asked to bring the present CPUs online. Memory goes through the virtio balloon:
+CPU go, and libvirt waits a few seconds for it; under TCG vCPUs are not unplugged, the
+guest only takes them offline); the guest agent, when the guest has one, is then asked to
+bring the present CPUs online, or as many as asked for. Memory goes through the virtio balloon:
 the target is set at once and the guest gives memory back (or takes it) at its own pace.
 """
 
@@ -47,6 +48,11 @@ def _current_memory_kib(xml: str) -> int:
     if el is None or not el.text or el.get("unit", "KiB") != "KiB":
         return 0
     return int(el.text)
+
+
+def _is_tcg(xml: str) -> bool:
+    """A domain of type qemu: QEMU's TCG emulation, no KVM."""
+    return ET.fromstring(xml).get("type") == "qemu"
 
 
 class DomainResizer:
@@ -94,19 +100,27 @@ class DomainResizer:
 
     @staticmethod
     def _set_live_vcpus(dom: libvirt.virDomain, uuid: str, vcpus: int) -> None:
-        """Hot-plug or unplug to `vcpus`, live and in the config. For an unplug the guest
+        """Hot-plug or unplug to `vcpus`, live and in the config (a shrink under TCG: in
+        the config, the guest taking the CPUs offline). For an unplug the guest
         is first asked (through its agent, if any) to take the CPUs offline, so it only
-        has to let them go. An unplug libvirt does not see complete stands: the config is
-        set and the call succeeds, and ContainerStatus reports the vCPUs libvirt counts.
-        That is libvirt's 5 s wait running out (the guest has not let go, or, under TCG
-        with QEMU 7.2, it has but QEMU never tells libvirt: see README, Live resize), and
-        a request sent again while an earlier one stands (the config below libvirt's live
-        count), which libvirt fails, without a cause when QEMU has already dropped the
-        vCPU it retries."""
+        has to let them go; when it has not done so within libvirt's wait, the request
+        stands (the guest may still complete it), the config is set, and the call
+        succeeds: ContainerStatus reports the vCPUs present until the guest lets go."""
         what = f"setting the VM's vCPUs to {vcpus}"
         with call(what, uuid):
             present = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            configured = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            tcg = vcpus < present and _is_tcg(dom.XMLDesc(0))
+        if tcg:
+            # No unplug under TCG: QEMU (7.2 at least) drops the vCPU the guest ejects but
+            # never sends libvirt DEVICE_DELETED, so libvirt keeps counting it, and a later
+            # hot-plug into another slot crashes QEMU (README, Live resize). The guest is
+            # asked (by _online_in_guest) to take the CPUs offline; the config has the count.
+            log.info("%s runs under TCG: its vCPUs above %d are taken offline in the guest, "
+                     "not unplugged; the VM starts with %d next time", uuid, vcpus, vcpus,
+                     extra={"CONTAINER_ID": uuid})
+            with call(what, uuid):
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            return
         if vcpus < present:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_VCPU_GUEST)
@@ -115,13 +129,10 @@ class DomainResizer:
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_LIVE
                                   | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
             except libvirt.libvirtError as e:
-                timed_out = e.get_error_code() == libvirt.VIR_ERR_OPERATION_TIMEOUT
-                standing = configured < present and vcpus < present \
-                    and dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) == present
-                if not (timed_out or standing):
+                if e.get_error_code() != libvirt.VIR_ERR_OPERATION_TIMEOUT:
                     raise
-                log.info("the unplug of vCPUs of %s down to %d stands; libvirt still counts "
-                         "%d (%s)", uuid, vcpus, present, e.get_error_message(),
+                log.info("the guest of %s has not released its vCPUs yet (%s); the "
+                         "unplug request stands", uuid, e.get_error_message(),
                          extra={"CONTAINER_ID": uuid})
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
