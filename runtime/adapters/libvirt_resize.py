@@ -7,8 +7,9 @@ change also writes) and the maxima the domain was defined with. `apply` changes 
 domain with AFFECT_LIVE|AFFECT_CONFIG, a stopped one with AFFECT_CONFIG, so the new size
 survives a restart of the VM and of the daemon (the domain XML is the one place it is
 kept). vCPUs are hot-plugged and hot-unplugged (ACPI; unplug needs the guest to let the
-CPU go, and libvirt waits a few seconds for it); the guest agent, when the guest has one,
-is then asked to bring the present CPUs online. Memory goes through the virtio balloon:
+CPU go, and libvirt waits a few seconds for it; under TCG vCPUs are not unplugged, the
+guest only takes them offline); the guest agent, when the guest has one, is then asked to
+bring the present CPUs online, or as many as asked for. Memory goes through the virtio balloon:
 the target is set at once and the guest gives memory back (or takes it) at its own pace.
 """
 
@@ -47,6 +48,11 @@ def _current_memory_kib(xml: str) -> int:
     if el is None or not el.text or el.get("unit", "KiB") != "KiB":
         return 0
     return int(el.text)
+
+
+def _is_tcg(xml: str) -> bool:
+    """A domain of type qemu: QEMU's TCG emulation, no KVM."""
+    return ET.fromstring(xml).get("type") == "qemu"
 
 
 class DomainResizer:
@@ -94,7 +100,8 @@ class DomainResizer:
 
     @staticmethod
     def _set_live_vcpus(dom: libvirt.virDomain, uuid: str, vcpus: int) -> None:
-        """Hot-plug or unplug to `vcpus`, live and in the config. For an unplug the guest
+        """Hot-plug or unplug to `vcpus`, live and in the config (a shrink under TCG: in
+        the config, the guest taking the CPUs offline). For an unplug the guest
         is first asked (through its agent, if any) to take the CPUs offline, so it only
         has to let them go; when it has not done so within libvirt's wait, the request
         stands (the guest may still complete it), the config is set, and the call
@@ -102,6 +109,18 @@ class DomainResizer:
         what = f"setting the VM's vCPUs to {vcpus}"
         with call(what, uuid):
             present = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            tcg = vcpus < present and _is_tcg(dom.XMLDesc(0))
+        if tcg:
+            # No unplug under TCG: QEMU (7.2 at least) drops the vCPU the guest ejects but
+            # never sends libvirt DEVICE_DELETED, so libvirt keeps counting it, and a later
+            # hot-plug into another slot crashes QEMU (README, Live resize). The guest is
+            # asked (by _online_in_guest) to take the CPUs offline; the config has the count.
+            log.info("%s runs under TCG: its vCPUs above %d are taken offline in the guest, "
+                     "not unplugged; the VM starts with %d next time", uuid, vcpus, vcpus,
+                     extra={"CONTAINER_ID": uuid})
+            with call(what, uuid):
+                dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            return
         if vcpus < present:
             with contextlib.suppress(libvirt.libvirtError):
                 dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_VCPU_GUEST)

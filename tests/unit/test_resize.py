@@ -15,8 +15,8 @@ import grpc
 import libvirt
 import pytest
 
-from arktos_vm_runtime.adapters.domain_xml import DomainSpec
-from arktos_vm_runtime.adapters.libvirt_resize import VmResources
+from arktos_vm_runtime.adapters.domain_xml import DomainSpec, render_domain
+from arktos_vm_runtime.adapters.libvirt_resize import VmResources, _is_tcg
 from arktos_vm_runtime.api.dispatch import api_modules
 from arktos_vm_runtime.config import Settings
 from arktos_vm_runtime.errors import InvalidArgument, NotFound
@@ -34,7 +34,7 @@ from arktos_vm_runtime.service.resize import (
 from arktos_vm_runtime.service.vmconfig import parse_vm_config
 from tests.unit import test_pods
 from tests.unit.test_dispatch import Client, serve
-from tests.unit.test_domain_xml import make_spec
+from tests.unit.test_domain_xml import TEMPLATES, make_spec
 from tests.unit.test_pods import URI, Env, container_input, sandbox
 
 base_image = test_pods.base_image
@@ -144,6 +144,13 @@ def test_spec_refuses_a_maximum_below_the_size() -> None:
     spec: DomainSpec = make_spec(vcpus=1, max_vcpus=0, memory_mib=512, max_memory_mib=0)
     assert (spec.vcpus_max, spec.memory_max_mib) == (1, 512)
 
+
+
+@pytest.mark.parametrize(("domain_type", "tcg"), [("qemu", True), ("kvm", False)])
+def test_a_tcg_domain_is_told_by_its_type(domain_type: str, tcg: bool) -> None:
+    """Under TCG a live vCPU shrink only takes the CPUs offline in the guest (README, Live
+    resize); the adapter tells TCG from the domain XML the runtime renders."""
+    assert _is_tcg(render_domain(make_spec(domain_type=domain_type), TEMPLATES)) is tcg
 
 # --- the real Pods on test:///default --------------------------------------------------------
 
