@@ -115,7 +115,8 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs):
             envs=[(e.key, e.value) for e in cfg.envs], sandbox_annotations=sandbox_annotations,
             cpu_period=linux.cpu_period if linux else 0,
             cpu_quota=linux.cpu_quota if linux else 0,
-            memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0)
+            memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0,
+            tty=cfg.tty, stdin=cfg.stdin)
         cid = await self.pools.run(Kind.LIBVIRT, self.core.pods.create_container,
                                    request.pod_sandbox_id, c)
         return call.pb.CreateContainerResponse(container_id=cid)
