@@ -19,6 +19,7 @@ from .pools import Kind, Pools
 from .resize_rpcs import ResizeRpcs
 from .snapshot_rpcs import SnapshotRpcs
 from .stats_rpcs import StatsRpcs
+from .streaming_rpcs import StreamingRpcs
 from .vm_ops_rpcs import VmOpsRpcs
 
 # The kubelet checks this exact value (the CRI's own version field).
@@ -32,7 +33,7 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
     )
 
 
-class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs):
+class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingRpcs):
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools
