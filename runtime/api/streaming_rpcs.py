@@ -36,10 +36,11 @@ class UrlIssuer(Protocol):
 
 def check_streams(method: str, request: Any) -> None:
     if request.tty and request.stderr:
-        raise InvalidArgument(f"{method}: tty and stderr cannot both be set (with a tty, "
-                              "stderr shares stdout)")
+        raise InvalidArgument(f"{method}: fields tty and stderr cannot both be set (with a "
+                              "tty, stderr shares stdout)")
     if not (request.stdin or request.stdout or request.stderr):
-        raise InvalidArgument(f"{method}: one of stdin, stdout and stderr must be set")
+        raise InvalidArgument(f"{method}: one of the fields stdin, stdout and stderr must be "
+                              "set")
 
 
 class StreamingRpcs:
