@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from arktos_vm_runtime.adapters.guest_agent import GuestAgent
 from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection
 from arktos_vm_runtime.adapters.libvirt_console import Consoles
 from arktos_vm_runtime.adapters.libvirt_domains import Domains
 from arktos_vm_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from arktos_vm_runtime.service.console_attach import ConsoleAttach
+from arktos_vm_runtime.service.guest_exec_stream import GuestExecStream
 from arktos_vm_runtime.service.network_state import PodState as NetState
 from arktos_vm_runtime.service.network_state import pod_ips
 from arktos_vm_runtime.service.port_forward import PortForward
@@ -97,6 +99,7 @@ class Guest:
     attach: ConsoleAttach
     ports: PortForward
     consoles: Consoles
+    exec_: GuestExecStream
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +123,13 @@ def guest(served_minimal_image: str) -> Iterator[Guest]:
             wait_for("the guest's marker", lambda: MARKER in log_text(log), BOOT_TIMEOUT)
             records = DaemonRecords(d.state_dir)
             conn = LibvirtConnection("qemu:///system")
-            consoles = Consoles(Domains(conn, records.setting("instance_id")))
+            domains = Domains(conn, records.setting("instance_id"))
+            consoles = Consoles(domains)
             yield Guest(d, sid, cid, log, records,
                         ConsoleAttach(records, consoles),  # type: ignore[arg-type]
                         PortForward(records, records.endpoint),  # type: ignore[arg-type]
-                        consoles)
+                        consoles,
+                        GuestExecStream(records, GuestAgent(domains)))  # type: ignore[arg-type]
         finally:
             if sid:
                 rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
@@ -267,6 +272,20 @@ def test_port_connect_errors(guest: Guest) -> None:
             guest.ports.port_connect(guest.sid, port, 10)
     with pytest.raises(NotFound):
         guest.ports.port_connect("no-such-sandbox", 80, 10)
+
+
+def test_exec_in_a_guest_without_agent_is_failed_precondition(guest: Guest) -> None:
+    """The minimal guest runs no QEMU guest agent: Exec says so at once, before reading
+    any stdin."""
+    pipe = InputPipe()
+    pipe.feed(b"never read")
+    io = StreamIO(pipe, lambda b: None, lambda b: None, tty=False)
+    t0 = time.monotonic()
+    with pytest.raises(FailedPrecondition, match="has no QEMU guest agent answering") as e:
+        guest.exec_.exec(guest.cid, ["uname", "-a"], io)
+    assert guest.cid in e.value.message
+    assert time.monotonic() - t0 < 5
+    assert pipe.read(0) == b"never read"
 
 
 def test_attach_ends_when_the_vm_stops_and_a_stopped_vm_is_refused(guest: Guest) -> None:
