@@ -220,6 +220,8 @@ def test_two_attachers_see_output_typed_lines_come_back_and_reach_the_log(guest:
              lambda: f"MINIMAL-GUEST-ECHO third-{word3}" in c.text(), 20)
     c.leave()
     assert guest.attach.sessions() == {}
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("attach-in-")], \
+        "every attacher's input thread ended"
 
 
 def test_the_log_does_not_depend_on_attachers(guest: Guest) -> None:

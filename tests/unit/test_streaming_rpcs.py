@@ -195,3 +195,38 @@ def test_without_a_streaming_server_the_rpcs_are_unavailable(tmp_path: Path) -> 
         assert code == grpc.StatusCode.UNAVAILABLE and "streaming server" in details
 
     serve(tmp_path, test, with_server=False)
+
+
+def test_the_daemon_makes_the_server_when_the_tree_has_one(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    import sys
+    import types
+
+    from arktos_vm_runtime.daemon import streaming
+
+    settings = Settings(streaming_address="::1", streaming_port=10010)
+    backends = object()
+    if streaming.SERVER_MODULE not in sys.modules:
+        try:
+            __import__(streaming.SERVER_MODULE)
+        except ModuleNotFoundError:
+            assert streaming.make_server(backends, settings) is None  # type: ignore[arg-type]
+    made: list[tuple[Any, ...]] = []
+    fake = types.ModuleType(streaming.SERVER_MODULE)
+    fake.StreamingServer = lambda *a: made.append(a) or "server"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, streaming.SERVER_MODULE, fake)
+    assert streaming.make_server(backends, settings) == "server"  # type: ignore[arg-type]
+    assert made == [(backends, "::1", 10010)]
+
+
+def test_streaming_settings_are_checked() -> None:
+    from arktos_vm_runtime.config import build
+    from arktos_vm_runtime.errors import InvalidArgument
+
+    s = build(None, {})
+    assert (s.streaming_address, s.streaming_port) == ("127.0.0.1", 0)
+    assert build(None, {"streaming_port": 10010}).streaming_port == 10010
+    for bad in ({"streaming_port": 70000}, {"streaming_port": -1},
+                {"streaming_address": "localhost"}, {"streaming_address": "1.2.3"}):
+        with pytest.raises(InvalidArgument, match="streaming"):
+            build(None, bad)
