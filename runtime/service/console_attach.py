@@ -181,6 +181,18 @@ class ConsoleAttach:
                 log.debug("attach to %s: a slow attacher lost %d bytes of console output",
                           cid, att.dropped, extra={"CONTAINER_ID": cid})
 
+    def close(self) -> None:
+        """At shutdown: every attach session ends and every console stream is closed (the
+        streaming server's stop normally ended them already)."""
+        with self._lock:
+            hubs = list(self._hubs.values())
+        for hub in hubs:
+            hub.end("the runtime is stopping")
+            with hub.open_lock:
+                stream, hub.stream = hub.stream, None
+            if stream is not None:
+                stream.close()
+
     # -- the shared stream ---------------------------------------------------------------
 
     def _join(self, cid: str, sandbox_id: str, att: _Attacher) -> _Hub:

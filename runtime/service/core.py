@@ -122,6 +122,7 @@ class Core:
         return "; ".join(parts)
 
     def close(self) -> None:
+        self.streams.console.close()
         self.reboots.close()
         self.pods.close()
         self.images.close()

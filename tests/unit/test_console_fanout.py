@@ -204,3 +204,14 @@ def test_a_console_that_cannot_be_opened_leaves_nothing(tmp_path: Path) -> None:
         attach.attach("c1", io)
     assert attach.sessions() == {}
     assert threading.active_count() < 20
+
+
+def test_close_ends_every_session_and_stream(tmp_path: Path) -> None:
+    attach, opener, _ = make(tmp_path)
+    a, b = Session(attach), Session(attach)
+    wait("two attachers", lambda: attach.sessions() == {"c1": 2})
+    attach.close()
+    a.t.join(5)
+    b.t.join(5)
+    assert not a.t.is_alive() and not b.t.is_alive()
+    assert not opener.live and attach.sessions() == {}
