@@ -129,15 +129,15 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ])
             servicer = RuntimeServicer(core, pools)
-            stream_server = streaming.make_server(core.streams, self.settings)
-            if stream_server is not None:
+            made = streaming.make_server(core.streams, self.settings)
+            if made is not None:
                 try:
-                    stream_server.start()
+                    made.start()
                 except OSError as e:
                     raise StartupError(
                         f"streaming server: cannot listen on {self.settings.streaming_address}"
                         f" port {self.settings.streaming_port}: {e.strerror or e}") from e
-                servicer.streaming = stream_server
+                stream_server = servicer.streaming = made
                 log.info("streaming server (Exec, Attach, PortForward) on %s",
                          stream_server.base_url)
             server.add_generic_rpc_handlers(
@@ -177,7 +177,7 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
             return 0
         finally:
-            if stream_server is not None:  # a failed start
+            if stream_server is not None:  # started, then a later step failed
                 stream_server.stop()
             if watchdog is not None:
                 watchdog.stop()
