@@ -188,7 +188,7 @@ def domstate(cid: str) -> str:
 
 
 def test_two_attachers_see_output_typed_lines_come_back_and_reach_the_log(guest: Guest) -> None:
-    a, b = Attacher(guest), Attacher(guest, stdin=False)
+    a, b = Attacher(guest), Attacher(guest)
     wait_for("one console stream with two attachers",
              lambda: guest.attach.sessions() == {guest.cid: 2}, 10)
     word = secrets.token_hex(4)
@@ -196,6 +196,9 @@ def test_two_attachers_see_output_typed_lines_come_back_and_reach_the_log(guest:
     echo = f"MINIMAL-GUEST-ECHO hello-{word}"
     wait_for("the echo on the typing attacher", lambda: echo in a.text(), 20)
     wait_for("the echo on the other attacher", lambda: echo in b.text(), 5)
+    b.type(f"from-b-{word}")  # input from any attacher
+    wait_for("the second attacher's line on both", lambda: all(
+        f"MINIMAL-GUEST-ECHO from-b-{word}" in x.text() for x in (a, b)), 20)
     # The terminal's own echo of the typing comes too, to both.
     assert f"hello-{word}" in a.text().split(echo)[0]
     # virtlogd's log (and the CRI log copied from it) got it as well, independently.
