@@ -11,9 +11,7 @@ store in place of PodState. The guest says back every line typed on its console 
 
 from __future__ import annotations
 
-import json
 import secrets
-import sqlite3
 import subprocess
 import threading
 import time
@@ -30,12 +28,10 @@ from arktos_vm_runtime.adapters.libvirt_domains import Domains
 from arktos_vm_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from arktos_vm_runtime.service.console_attach import ConsoleAttach
 from arktos_vm_runtime.service.guest_exec_stream import GuestExecStream
-from arktos_vm_runtime.service.network_state import PodState as NetState
-from arktos_vm_runtime.service.network_state import pod_ips
 from arktos_vm_runtime.service.port_forward import PortForward
-from arktos_vm_runtime.service.records import ContainerRecord, SandboxRecord
 from arktos_vm_runtime.service.stream_io import InputPipe, StreamIO
 from tests.daemon_proc import APIS, Daemon
+from tests.integration.daemon_records import DaemonRecords
 from tests.integration.test_network_common import cni_test_network
 from tests.integration.vm_ops_common import module_tmp
 from tests.integration.vmpods import (
@@ -50,43 +46,6 @@ pytestmark = pytest.mark.integration
 MARKER = "MINIMAL-GUEST-UP"
 BOOT_TIMEOUT = 120
 VIRSH = ["virsh", "-c", "qemu:///system"]
-
-
-class DaemonRecords:
-    """The daemon's records, read from its store on every call (read-only), at the
-    interface ConsoleAttach and PortForward use of PodState and PodNetworks."""
-
-    def __init__(self, state_dir: str) -> None:
-        self.db = f"file:{state_dir}/state.db?mode=ro"
-
-    def _rows(self, sql: str, *args: str) -> list[tuple[str]]:
-        db = sqlite3.connect(self.db, uri=True)
-        try:
-            return db.execute(sql, args).fetchall()
-        finally:
-            db.close()
-
-    def setting(self, key: str) -> str:
-        return self._rows("SELECT value FROM settings WHERE key = ?", key)[0][0]
-
-    def container(self, cid: str) -> ContainerRecord | None:
-        rows = self._rows("SELECT data FROM containers WHERE id = ?", cid)
-        return ContainerRecord.from_dict(json.loads(rows[0][0])) if rows else None
-
-    def containers_of(self, sid: str) -> list[ContainerRecord]:
-        return [ContainerRecord.from_dict(json.loads(r[0])) for r in
-                self._rows("SELECT data FROM containers WHERE sandbox_id = ?", sid)]
-
-    def sandbox(self, sid: str) -> SandboxRecord | None:
-        rows = self._rows("SELECT data FROM sandboxes WHERE id = ?", sid)
-        return SandboxRecord.from_dict(json.loads(rows[0][0])) if rows else None
-
-    def endpoint(self, sid: str) -> tuple[str, str] | None:
-        rows = self._rows("SELECT data FROM networks WHERE id = ?", sid)
-        if not rows:
-            return None
-        st = NetState.from_dict(json.loads(rows[0][0]))
-        return st.netns, pod_ips(st)[0]
 
 
 @dataclass
