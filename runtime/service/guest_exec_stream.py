@@ -2,7 +2,7 @@
 
 The agent's guest-exec is not interactive, which shapes what Exec can do:
 - stdin: guest-exec takes a program's input only at spawn (input-data), so stdin is read
-  until the client closes it (EOF), at most MAX_STDIN bytes, and only then does the
+  until the client closes it (EOF), at most MAX_STDIN (64 KiB), and only then does the
   command start. `kubectl exec -i` with piped input works; an interactive shell (-it)
   does not: nothing runs until stdin ends.
 - stdout/stderr: the agent hands output back once the process has exited, so it arrives
@@ -27,7 +27,12 @@ from .stream_io import StreamIO
 
 log = logging.getLogger(__name__)
 
-MAX_STDIN = 1024 * 1024  # bytes of stdin handed to the program
+# Bytes of stdin handed to the program. The whole input travels in the one guest-exec
+# command (base64 in JSON over the agent's virtio-serial channel, which libvirt waits
+# COMMAND_TIMEOUT s for): a 750 KiB input failed under TCG and left libvirt counting the
+# agent unavailable ("not available for now") for the next commands. 64 KiB is measured
+# by tests/integration/test_exec_agent.py.
+MAX_STDIN = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # bytes of stdout and of stderr each (the agent keeps 16 MiB)
 WAIT = 0.1  # seconds between checks of io.gone while reading stdin
 CHUNK = 64 * 1024  # output is written in pieces of this size
