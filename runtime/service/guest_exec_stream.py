@@ -12,7 +12,11 @@ The agent's guest-exec is not interactive, which shapes what Exec can do:
   start is 127 with the agent's message on stderr, as for ExecSync.
 If the client goes away (`io.gone`) the guest process and its process group are killed
 through the agent (the ExecSync path) and its status read, so the agent keeps no record
-of it. A guest without an agent is FailedPrecondition before any stdin is read.
+of it. The command runs as `timeout 0 argv...` (GNU timeout with no limit), which puts it
+in a process group of its own: qemu-ga's children share the agent's group otherwise, and
+a kill would miss what the command started (measured: a `sh -c 'sleep & sleep'` survived).
+A guest without `timeout` runs argv bare. A guest without an agent is FailedPrecondition
+before any stdin is read.
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ class GuestExecStream:
         self._agent.ping(cid, sid, timeout=1)  # no agent: FailedPrecondition, stdin unread
         data = self._stdin(cid, io) if io.stdin is not None else None
         try:
-            pid = self._agent.exec_start(cid, sid, cmd, data)
+            try:  # `timeout 0` (no time limit) makes the command a process group of its own
+                pid = self._agent.exec_start(cid, sid, ["timeout", "0", *cmd], data)
+            except SpawnFailed:  # no `timeout` in the guest: a kill reaches argv[0] only
+                pid = self._agent.exec_start(cid, sid, cmd, data)
         except SpawnFailed as e:
             self._write(io, b"", f"arktos-vm-runtime: {e}\n".encode())
             return 127

@@ -26,8 +26,10 @@ class FakeAgent:
     remembers it until a status saying it exited has been read (as qemu-ga does)."""
 
     def __init__(self, runs: float | None = 0.1, code: int = 0, out: bytes = b"",
-                 err: bytes = b"", agent: bool = True, spawn_fails: bool = False) -> None:
+                 err: bytes = b"", agent: bool = True, spawn_fails: bool = False,
+                 no_timeout: bool = False) -> None:
         self.runs, self.code, self.out, self.err = runs, code, out, err
+        self.no_timeout = no_timeout
         self.agent, self.spawn_fails = agent, spawn_fails
         self.started: list[tuple[list[str], bytes | None]] = []
         self.killed: list[int] = []
@@ -42,7 +44,7 @@ class FakeAgent:
 
     def exec_start(self, uuid: str, sid: str, argv: list[str],
                    input_data: bytes | None = None) -> int:
-        if self.spawn_fails:
+        if self.spawn_fails or (self.no_timeout and argv[0] == "timeout"):
             raise SpawnFailed("Failed to execute child process “nope” (fake)")
         self.started.append((argv, input_data))
         self.next_pid += 1
@@ -94,19 +96,26 @@ def test_output_exit_code_and_stdin_until_eof(tmp_path: Path) -> None:
     o.io.stdin.close()
     t.join(5)
     assert result == [3]
-    assert agent.started == [(["cat"], b"line 1\nline 2\n")]
+    assert agent.started == [(["timeout", "0", "cat"], b"line 1\nline 2\n")]
     assert (bytes(o.stdout), bytes(o.stderr)) == (b"Linux minimal\n", b"warn\n")
     assert agent.sessions == {}, "the agent holds no finished process"
     # Without stdin: no input-data at all; with a tty, stderr follows stdout.
     o = Out(tty=True)
     assert ex.exec("c1", ["uname", "-a"], o.io) == 3
-    assert agent.started[-1] == (["uname", "-a"], None)
+    assert agent.started[-1] == (["timeout", "0", "uname", "-a"], None)
     assert bytes(o.stdout) == b"Linux minimal\nwarn\n"
     # stderr not asked for (and no tty): dropped.
     o = Out(stderr=False)
     ex.exec("c1", ["uname"], o.io)
     assert bytes(o.stdout) == b"Linux minimal\n"
     assert agent.sessions == {}
+
+
+def test_a_guest_without_timeout_runs_the_command_bare(tmp_path: Path) -> None:
+    agent = FakeAgent(code=0, no_timeout=True)
+    ex = make(tmp_path, agent)
+    assert ex.exec("c1", ["uname"], Out().io) == 0
+    assert agent.started == [(["uname"], None)] and agent.sessions == {}
 
 
 def test_stdin_is_bounded(tmp_path: Path) -> None:
