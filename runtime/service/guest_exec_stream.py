@@ -9,7 +9,7 @@ The agent's guest-exec is not interactive, which shapes what Exec can do:
   all at once at the end (at most MAX_OUTPUT bytes per stream, the agent's own cap). With
   a tty there is no stderr stream: the process's stderr follows its stdout.
 - the exit code is returned (128 + N when killed by signal N); a program the guest cannot
-  start is 127 with the agent's message on stderr, as for ExecSync.
+  start is 127 with timeout's (or the agent's) message on stderr, as for ExecSync.
 If the client goes away (`io.gone`) the guest process and its process group are killed
 through the agent (the ExecSync path) and its status read, so the agent keeps no record
 of it. The command runs as `timeout 0 argv...` (GNU timeout with no limit), which puts it
