@@ -115,10 +115,12 @@ class GuestAgent:
 
     def kill_group(self, uuid: str, sandbox_id: str, pid: int) -> None:
         """SIGKILL to the process `pid` and its process group, from inside the guest (the
-        agent has no kill command); best effort."""
+        agent has no kill command); best effort. Spelled `kill -9 -PID`: dash (Debian's
+        /bin/sh) takes no `--` after a signal ("kill -KILL -- -PID" killed nothing)."""
         try:
             helper = self.exec_start(uuid, sandbox_id, [
-                "/bin/sh", "-c", 'kill -KILL -- "-$1" "$1" 2>/dev/null', "sh", str(pid)])
+                "/bin/sh", "-c", 'kill -9 -"$1" 2>/dev/null; kill -9 "$1" 2>/dev/null; true',
+                "sh", str(pid)])
             self.exec_status(uuid, sandbox_id, helper, 0)  # reaped later if not yet done
         except (SpawnFailed, FailedPrecondition, Unavailable, NotFound) as e:
             log.warning("killing guest process %d in VM %s failed: %s", pid, uuid, e,
