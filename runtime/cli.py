@@ -52,6 +52,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vm-max-memory-mib", type=int, metavar="MIB",
                    help="memory a VM can grow to live (0, the default: its size at "
                         "creation; capped by --max-pod-memory-mib)")
+    p.add_argument("--streaming-address", metavar="IP",
+                   help="address of the Exec/Attach/PortForward streaming server (127.0.0.1)")
+    p.add_argument("--streaming-port", type=int, metavar="PORT",
+                   help="its TCP port (0, the default: a free port picked at each start)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

@@ -74,6 +74,11 @@ class Settings:
     # quotas, never below the VM's own size at creation.
     vm_max_vcpus: int = 0
     vm_max_memory_mib: int = 0
+    # The streaming server (Exec, Attach, PortForward): the address and TCP port its URLs
+    # point at and it listens on. Loopback by default (the kubelet on this node proxies to
+    # it); port 0 picks a free port at every start (the URLs carry it).
+    streaming_address: str = "127.0.0.1"
+    streaming_port: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,6 +165,13 @@ def validate(s: Settings) -> None:
         except ValueError:
             raise InvalidArgument(f"image-pull-denied-networks: {entry[:80]!r} is not an IP "
                                   "network (e.g. 127.0.0.0/8 or fe80::/10)") from None
+    try:
+        ipaddress.ip_address(s.streaming_address)
+    except ValueError:
+        raise InvalidArgument(f"streaming-address {s.streaming_address[:80]!r} is not an IP "
+                              "address (e.g. 127.0.0.1 or ::1)") from None
+    if not 0 <= s.streaming_port <= 65535:
+        raise InvalidArgument(f"streaming-port {s.streaming_port}: 0 (any free port) to 65535")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidArgument(f"log-level {s.log_level!r}: debug, info, warning or error")
 

@@ -81,11 +81,16 @@ class GuestAgent:
         """Returns when the agent answers; FailedPrecondition when none does."""
         self.command(uuid, sandbox_id, "guest-ping", timeout=timeout)
 
-    def exec_start(self, uuid: str, sandbox_id: str, argv: list[str]) -> int:
-        """Starts argv[0] (looked up on the guest's PATH) with output captured; its pid."""
+    def exec_start(self, uuid: str, sandbox_id: str, argv: list[str],
+                   input_data: bytes | None = None) -> int:
+        """Starts argv[0] (looked up on the guest's PATH) with output captured; its pid.
+        `input_data` is the program's whole stdin (the agent writes it, then closes it):
+        guest-exec takes input only at spawn."""
+        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        if input_data is not None:
+            args["input-data"] = base64.b64encode(input_data).decode()
         try:
-            ret = self.command(uuid, sandbox_id, "guest-exec",
-                               {"path": argv[0], "arg": argv[1:], "capture-output": True})
+            ret = self.command(uuid, sandbox_id, "guest-exec", args)
         except Unavailable as e:
             # The agent's error for a program it could not spawn (glib's message).
             if "Failed to execute child process" in e.message:
@@ -110,10 +115,12 @@ class GuestAgent:
 
     def kill_group(self, uuid: str, sandbox_id: str, pid: int) -> None:
         """SIGKILL to the process `pid` and its process group, from inside the guest (the
-        agent has no kill command); best effort."""
+        agent has no kill command); best effort. Spelled `kill -9 -PID`: dash (Debian's
+        /bin/sh) takes no `--` after a signal ("kill -KILL -- -PID" killed nothing)."""
         try:
             helper = self.exec_start(uuid, sandbox_id, [
-                "/bin/sh", "-c", 'kill -KILL -- "-$1" "$1" 2>/dev/null', "sh", str(pid)])
+                "/bin/sh", "-c", 'kill -9 -"$1" 2>/dev/null; kill -9 "$1" 2>/dev/null; true',
+                "sh", str(pid)])
             self.exec_status(uuid, sandbox_id, helper, 0)  # reaped later if not yet done
         except (SpawnFailed, FailedPrecondition, Unavailable, NotFound) as e:
             log.warning("killing guest process %d in VM %s failed: %s", pid, uuid, e,

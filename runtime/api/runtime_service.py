@@ -19,6 +19,7 @@ from .pools import Kind, Pools
 from .resize_rpcs import ResizeRpcs
 from .snapshot_rpcs import SnapshotRpcs
 from .stats_rpcs import StatsRpcs
+from .streaming_rpcs import StreamingRpcs
 from .vm_ops_rpcs import VmOpsRpcs
 
 # The kubelet checks this exact value (the CRI's own version field).
@@ -32,7 +33,7 @@ def _condition(call: Call, kind: str, c: Condition) -> Any:
     )
 
 
-class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs):
+class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingRpcs):
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools
@@ -115,7 +116,8 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs):
             envs=[(e.key, e.value) for e in cfg.envs], sandbox_annotations=sandbox_annotations,
             cpu_period=linux.cpu_period if linux else 0,
             cpu_quota=linux.cpu_quota if linux else 0,
-            memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0)
+            memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0,
+            tty=cfg.tty, stdin=cfg.stdin)
         cid = await self.pools.run(Kind.LIBVIRT, self.core.pods.create_container,
                                    request.pod_sandbox_id, c)
         return call.pb.CreateContainerResponse(container_id=cid)

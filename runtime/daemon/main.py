@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -27,7 +28,7 @@ from ..errors import InvalidArgument, StartupError
 from ..service import faults
 from ..service.core import Core
 from ..service.statedir import StateDir
-from . import sockets
+from . import sockets, streaming
 from .notify import Notifier
 from .watchdog import BEAT_INTERVAL, Heartbeat, Watchdog
 
@@ -106,6 +107,7 @@ class Daemon:
         core: Core | None = None
         pools = Pools()
         watchdog: Watchdog | None = None
+        stream_server: Any = None
         try:
             try:  # a testing aid, refused unless explicitly enabled (service/faults.py)
                 armed = faults.from_environment(os.environ)
@@ -126,8 +128,20 @@ class Daemon:
                 ("grpc.max_send_message_length", TRANSPORT_LIMIT),
                 ("grpc.so_reuseport", 0),
             ])
+            servicer = RuntimeServicer(core, pools)
+            made = streaming.make_server(core.streams, self.settings)
+            if made is not None:
+                try:
+                    made.start()
+                except OSError as e:
+                    raise StartupError(
+                        f"streaming server: cannot listen on {self.settings.streaming_address}"
+                        f" port {self.settings.streaming_port}: {e.strerror or e}") from e
+                stream_server = servicer.streaming = made
+                log.info("streaming server (Exec, Attach, PortForward) on %s",
+                         stream_server.base_url)
             server.add_generic_rpc_handlers(
-                all_handlers(RuntimeServicer(core, pools), ImageServicer(core, pools))
+                all_handlers(servicer, ImageServicer(core, pools))
             )
             await self._bind(server, state, inherited)
             await server.start()
@@ -153,6 +167,9 @@ class Daemon:
                 self._relay.stop_accepting()
             core.pods.events.close()  # event streams end now, not after the grace period
             await server.stop(SHUTDOWN_GRACE)
+            if stream_server is not None:  # its sessions end: VMs keep running
+                await asyncio.get_running_loop().run_in_executor(None, stream_server.stop)
+                stream_server = None
             if self._relay is not None:
                 await self._relay.wait_closed(1.0)
             for task in tasks:
@@ -160,6 +177,8 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
             return 0
         finally:
+            if stream_server is not None:  # started, then a later step failed
+                stream_server.stop()
             if watchdog is not None:
                 watchdog.stop()
             pools.shutdown()

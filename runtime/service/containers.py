@@ -57,6 +57,8 @@ class ContainerInput:
     cpu_period: int = 0
     cpu_quota: int = 0
     memory_limit_in_bytes: int = 0
+    tty: bool = False
+    stdin: bool = False
 
 
 def now_ns() -> int:
@@ -197,7 +199,7 @@ class Containers:
                 log_path=log_file(self.settings.pod_logs_dir, sb.log_directory, c.log_path),
                 vcpus=vm.vcpus, memory_mib=vm.memory_mib, cpu_period=c.cpu_period,
                 cpu_quota=c.cpu_quota, memory_limit_in_bytes=c.memory_limit_in_bytes,
-                labels=c.labels, annotations=c.annotations)
+                tty=c.tty, stdin=c.stdin, labels=c.labels, annotations=c.annotations)
             # Under the image's lock, which RemoveImage and the cache's eviction take to ask
             # whether the image is in use: once the record is in, it pins the image
             # (image_in_use); if one of them came first, the bytes are gone.

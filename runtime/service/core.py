@@ -13,19 +13,24 @@ from ..adapters.domain_stats import DomainStatsReader
 from ..adapters.guest_agent import GuestAgent
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
+from ..adapters.libvirt_console import Consoles
 from ..adapters.libvirt_domains import Domains
 from ..adapters.pull_watch import PullLimits
 from ..adapters.templates import default_template_dirs
 from ..config import Settings, denied_networks
+from .console_attach import ConsoleAttach
 from .guest_exec import GuestExec
+from .guest_exec_stream import GuestExecStream
 from .health import Condition, LibvirtHealth, cni_condition
 from .image_records import ImageRecord
 from .images import ImageStore
 from .pod_network import PodNetworks
 from .pods import Pods
+from .port_forward import PortForward
 from .reboot import Reboots
 from .statedir import StateDir
 from .stats import Stats
+from .stream_backends import VmStreams
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,10 @@ class Core:
         agent = GuestAgent(self.domains)
         self.reboots = Reboots(self.pods.state, self.domains, agent)
         self.guest_exec = GuestExec(self.pods.state, agent)
+        # Exec, Attach and PortForward's VM side, handed to the streaming server
+        self.streams = VmStreams(GuestExecStream(self.pods.state, agent),
+                                 ConsoleAttach(self.pods.state, Consoles(self.domains)),
+                                 PortForward(self.pods.state, self.networks.endpoint))
         self.domain_stats = DomainStatsReader(libvirt)
         self.stats = Stats(self.pods.containers, self.pods.sandboxes, self.domain_stats.read,
                            self.networks.interface_usage, str(state.root / "vms"))
@@ -113,6 +122,7 @@ class Core:
         return "; ".join(parts)
 
     def close(self) -> None:
+        self.streams.console.close()
         self.reboots.close()
         self.pods.close()
         self.images.close()

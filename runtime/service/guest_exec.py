@@ -19,7 +19,7 @@ from ..adapters.guest_agent import ExecStatus, GuestAgent, SpawnFailed
 from ..checks import shown
 from ..errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from .podstate import PodState
-from .records import CREATING, RUNNING
+from .records import CREATING, RUNNING, ContainerRecord
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +35,32 @@ class ExecResult:
     exit_code: int
 
 
+def check_argv(what: str, argv: list[str]) -> None:
+    if not argv or not argv[0]:
+        raise InvalidArgument(f"{what}: cmd must name a program")
+    if any("\0" in a for a in argv):
+        raise InvalidArgument(f"{what}: cmd must not contain NUL characters")
+
+
+def running_container(state: PodState, cid: str) -> ContainerRecord:
+    rec = state.container(cid)
+    if rec is None or rec.state == CREATING:
+        raise NotFound(f"container {shown(cid)} not found")
+    if rec.state != RUNNING:
+        raise FailedPrecondition(f"container {cid} is not running ({rec.state})")
+    return rec
+
+
 class GuestExec:
     def __init__(self, state: PodState, agent: GuestAgent) -> None:
         self._state = state
         self._agent = agent
 
     def exec_sync(self, cid: str, argv: list[str], timeout: int) -> ExecResult:
-        if not argv or not argv[0]:
-            raise InvalidArgument("ExecSync: cmd must name a program")
-        if any("\0" in a for a in argv):
-            raise InvalidArgument("ExecSync: cmd must not contain NUL characters")
+        check_argv("ExecSync", argv)
         if timeout < 0:
             raise InvalidArgument("ExecSync: timeout must not be negative")
-        rec = self._state.container(cid)
-        if rec is None or rec.state == CREATING:
-            raise NotFound(f"container {shown(cid)} not found")
-        if rec.state != RUNNING:
-            raise FailedPrecondition(f"container {cid} is not running ({rec.state})")
-        sid = rec.sandbox_id
+        sid = running_container(self._state, cid).sandbox_id
         start = time.monotonic()
         try:
             if timeout > 0:
@@ -94,11 +102,17 @@ class GuestExec:
         return ExecResult(st.stdout, st.stderr, st.exit_code)
 
     def _reap(self, cid: str, sid: str, pid: int) -> None:
-        end = time.monotonic() + REAP_WAIT
-        while time.monotonic() < end:
-            try:
-                if self._agent.exec_status(cid, sid, pid, 0).exited:
-                    return
-            except (FailedPrecondition, NotFound):
-                return
-            time.sleep(0.2)
+        reap(self._agent, cid, sid, pid)
+
+
+def reap(agent: GuestAgent, cid: str, sid: str, pid: int) -> bool:
+    """Reads a killed process's exit status, so the agent forgets it; True once read."""
+    end = time.monotonic() + REAP_WAIT
+    while time.monotonic() < end:
+        try:
+            if agent.exec_status(cid, sid, pid, 0).exited:
+                return True
+        except (FailedPrecondition, NotFound):
+            return False
+        time.sleep(0.2)
+    return False

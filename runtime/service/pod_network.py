@@ -158,6 +158,12 @@ class PodNetworks:
         return NetworkStatus(ip=ip, ips=ips, nics=tuple(nic_statuses(st, None)),
                              netns_present=netns.exists(st.netns))
 
+    def endpoint(self, sandbox_id: str) -> tuple[str, str] | None:
+        """PortForward: (the pod's namespace, the VM's primary address), None when the
+        pod has no network record."""
+        st = self._records.get(sandbox_id)
+        return None if st is None else (st.netns, pod_ips(st)[0])
+
     def interface_usage(self, sandbox_id: str) -> list[InterfaceUsage]:
         """Stats: each VM NIC's counters as the guest sees them (its tap's, rx and tx
         swapped), by pod interface name, from one netlink dump in the pod's namespace

@@ -73,6 +73,10 @@ class ContainerRecord(_Record):
     memory_limit_in_bytes: int = 0
     console_offset: int = 0
     stop_requested: bool = False
+    #: ContainerConfig's tty and stdin (Attach honours them); None in a record written
+    #: before they were kept: unknown, taken as True (the kubelet sets both on VM containers)
+    tty: bool | None = None
+    stdin: bool | None = None
     #: RemoveContainer began (written before its first step); reconcile finishes it
     removing: bool = False
     labels: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -4,6 +4,10 @@
 #   MINIMAL-GUEST-NET eth0 ADDR/PREFIX   eth0 configured (only when an address was given)
 #   MINIMAL-GUEST-UP                     ready: modules loaded, network configured
 #   MINIMAL-GUEST-POWEROFF               ACPI power button or poweroff seen, powering off
+#   MINIMAL-GUEST-ECHO LINE              a line typed on the console (ttyS0), said back
+#                                        (the terminal's own echo of the typing comes too)
+# Services: TCP echo on port 7; HTTP on port 80 (busybox httpd) serving /index.html =
+#   "MINIMAL-GUEST-HTTP index\n". Both start before MINIMAL-GUEST-UP.
 # Network, first match wins:
 #   kernel command line  avr.ip=ADDR/PREFIX [avr.gw=GW] | avr.ip=dhcp
 #   NoCloud seed (iso9660 cidata CD-ROM or disk): first IPv4 CIDR (or address + netmask) and
@@ -100,10 +104,18 @@ fi
 # /etc/acpi/PWRF/00000080, which signals us.
 acpid -c /etc/acpi -l /var/log/acpid.log
 
-say MINIMAL-GUEST-UP
-
 # A TCP echo service on port 7, so tests can prove TCP reaches the guest with data.
 nc -ll -p 7 -e cat >/dev/null 2>&1 &
+# A small web server on port 80 with one known page (port-forward tests fetch it).
+mkdir -p /www
+echo "MINIMAL-GUEST-HTTP index" >/www/index.html
+httpd -p 80 -h /www
+
+# Console input: each line typed on ttyS0 is said back, so an attach test can type a line
+# and see it come back (the line discipline maps the terminal's CR to NL).
+(while IFS= read -r line; do say "MINIMAL-GUEST-ECHO $line"; done <"$con") &
+
+say MINIMAL-GUEST-UP
 
 # NICs other than eth0 (hot-plugged, or attached while stopped) get DHCP once each.
 # wait returns when a trapped signal arrives; sleep alone would delay the trap.

@@ -116,13 +116,13 @@ def test_uniform_checks(tmp_path: Path) -> None:
         big = pb.VersionRequest(version="x" * (MAX_MESSAGE + 10)).SerializeToString()
         code, detail = await call("v1alpha2", "Version", big)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in str(detail)
-        # PortForward: a method a VM runtime leaves unimplemented
+        # Required ids are checked before the servicer runs; a method the runtime leaves
+        # unimplemented (CheckpointContainer) is UNIMPLEMENTED naming it.
         code, detail = await call("v1", "PortForward", b"")
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, "checked before UNIMPLEMENTED"
-        forward = pb.PortForwardRequest(pod_sandbox_id="p").SerializeToString()
-        code, detail = await call("v1", "PortForward", forward)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "pod_sandbox_id" in str(detail)
+        code, detail = await call("v1", "CheckpointContainer", b"")
         assert code == grpc.StatusCode.UNIMPLEMENTED
-        assert "PortForward" in str(detail)
+        assert "CheckpointContainer" in str(detail)
 
     serve(tmp_path, test)
 
