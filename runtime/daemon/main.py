@@ -130,16 +130,15 @@ class Daemon:
             ])
             servicer = RuntimeServicer(core, pools)
             made = streaming.make_server(core.streams, self.settings)
-            if made is not None:
-                try:
-                    made.start()
-                except OSError as e:
-                    raise StartupError(
-                        f"streaming server: cannot listen on {self.settings.streaming_address}"
-                        f" port {self.settings.streaming_port}: {e.strerror or e}") from e
-                stream_server = servicer.streaming = made
-                log.info("streaming server (Exec, Attach, PortForward) on %s",
-                         stream_server.base_url)
+            try:
+                made.start()
+            except OSError as e:
+                raise StartupError(
+                    f"streaming server: cannot listen on {self.settings.streaming_address}"
+                    f" port {self.settings.streaming_port}: {e.strerror or e}") from e
+            stream_server = servicer.streaming = made
+            log.info("streaming server (Exec, Attach, PortForward) on %s",
+                     stream_server.base_url)
             server.add_generic_rpc_handlers(
                 all_handlers(servicer, ImageServicer(core, pools))
             )

@@ -5,6 +5,8 @@ Minutes under TCG: marked slow.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import grpc
 import pytest
 
 from tests.daemon_proc import APIS, Daemon
+from tests.go_client import spdyclient
 from tests.guest.images import cloud_guest_image
 from tests.integration.test_network_common import cni_test_network
 from tests.integration.vm_ops_common import StateWatch, code_of, module_tmp
@@ -26,6 +29,7 @@ from tests.integration.vmpods import (
     vm_runtime,
     wait_for,
 )
+from tests.ws_client import WsClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BOOT_TIMEOUT = 400
@@ -110,6 +114,40 @@ def test_exec_output_exit_code_timeout_and_bound(guest: Guest, api: str) -> None
     assert 2 <= took < 6, took
     r = _exec(guest, ["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"], api=api)
     assert b"sleep 61" not in r.stdout and b"sleep 62" not in r.stdout  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("api", ["v1alpha2", "v1"])
+def test_exec_over_the_streaming_server(guest: Guest, api: str) -> None:
+    """Exec end to end: the RPC's URL, the daemon's streaming server, the guest agent; the
+    Go client on spdystream (v4 status with the exit code) and a WebSocket client."""
+    pb, _ = APIS[api]
+
+    def url(cmd: list[str], stdin: bool = False) -> str:
+        return str(guest.d.runtime(api).Exec(pb.ExecRequest(
+            container_id=guest.cid, cmd=cmd, stdin=stdin, stdout=True, stderr=True),
+            timeout=15).url)
+
+    go = str(spdyclient())
+    r = subprocess.run([go, "exec", url(["uname", "-a"]), "v4.channel.k8s.io", "0", "0"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith(b"Linux "), r
+    assert b'ERROR: {"metadata":{},"status":"Success"}' in r.stderr, r.stderr
+    r = subprocess.run([go, "exec", url(["sh", "-c", "echo out; echo err >&2; exit 3"]),
+                        "v4.channel.k8s.io", "0", "0"], capture_output=True, timeout=60)
+    assert r.stdout == b"out\n" and r.stderr.startswith(b"err\n"), r
+    status = json.loads(r.stderr.split(b"ERROR: ", 1)[1])
+    assert status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+    r = subprocess.run([go, "exec", url(["cat"], stdin=True), "v4.channel.k8s.io", "1", "0"],
+                       input=b"through the agent\n", capture_output=True, timeout=60)
+    assert r.stdout == b"through the agent\n", r
+    ws = WsClient(url(["sh", "-c", "echo ws; exit 4"]), ["v4.channel.k8s.io"])
+    try:
+        assert ws.wait_closed(60)
+        assert ws.channel(1) == b"ws\n"
+        assert json.loads(ws.channel(3))["details"]["causes"][0]["message"] == "4"
+    finally:
+        ws.close()
 
 
 def _stats(g: Guest) -> object:

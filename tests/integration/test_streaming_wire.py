@@ -1,0 +1,180 @@
+"""Attach, Exec and PortForward end to end: the CRI RPC over the daemon's socket, the URL it
+returns, the daemon's streaming server, the VM behind it. One minimal (busybox) guest for
+the module: it says back each line typed on its console as `MINIMAL-GUEST-ECHO <line>`
+and has no guest agent. Clients: the project's SPDY client (tests/spdy_client.py), a
+`websockets` client (tests/ws_client.py) and the Go client on spdystream (tests/go_client.py).
+Exec through a real agent end to end is in test_vm_ops_cloud.py (Debian guest).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.daemon_proc import APIS, Daemon
+from tests.go_client import spdyclient
+from tests.integration.test_network_common import cni_test_network
+from tests.integration.vm_ops_common import code_of, module_tmp
+from tests.integration.vmpods import (
+    container_config,
+    log_text,
+    sandbox_config,
+    vm_runtime,
+    wait_for,
+)
+from tests.spdy_client import SpdyClient, exec_streams, http_request
+from tests.ws_client import WsClient
+
+pytestmark = pytest.mark.integration
+MARKER = "MINIMAL-GUEST-UP"
+BOOT_TIMEOUT = 120
+V4 = "v4.channel.k8s.io"
+
+
+@dataclass
+class Guest:
+    d: Daemon
+    sid: str
+    cid: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def guest(served_minimal_image: str) -> Iterator[Guest]:
+    with module_tmp() as tmp, cni_test_network() as net:
+        d = vm_runtime(tmp, net).start()
+        pb, _ = APIS["v1"]
+        rt = d.runtime("v1")
+        sid = ""
+        try:
+            d.images("v1").PullImage(
+                pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)), timeout=60)
+            cfg = sandbox_config(pb, tmp / "pods", name="wire")
+            sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
+                                   timeout=60).pod_sandbox_id
+            ccfg = container_config(pb, served_minimal_image)
+            ccfg.tty = ccfg.stdin = True  # as the Arktos kubelet sets them on VM containers
+            cid = rt.CreateContainer(pb.CreateContainerRequest(
+                pod_sandbox_id=sid, config=ccfg, sandbox_config=cfg), timeout=60).container_id
+            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+            log = tmp / "pods" / "vm" / "0.log"
+            wait_for("the guest's marker", lambda: MARKER in log_text(log), BOOT_TIMEOUT)
+            yield Guest(d, sid, cid, log)
+        finally:
+            if sid:
+                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
+                                    timeout=60)
+            d.stop()
+
+
+def attach_url(g: Guest, api: str) -> str:
+    pb, _ = APIS[api]
+    return g.d.runtime(api).Attach(pb.AttachRequest(
+        container_id=g.cid, stdin=True, stdout=True, tty=True), timeout=15).url
+
+
+def running(g: Guest) -> bool:
+    pb, _ = APIS["v1"]
+    st = g.d.runtime("v1").ContainerStatus(pb.ContainerStatusRequest(container_id=g.cid),
+                                           timeout=15).status
+    return bool(st.state == pb.CONTAINER_RUNNING)
+
+
+@pytest.mark.parametrize("api", ["v1alpha2", "v1"])
+def test_attach_two_clients_type_and_see_the_echo(guest: Guest, api: str) -> None:
+    url = attach_url(guest, api)
+    assert url.startswith("http://127.0.0.1:") and "/attach/" in url
+    spdy = SpdyClient.connect(url, [V4])
+    assert spdy.protocol == V4
+    streams = exec_streams(spdy, stdin=True, stdout=True, stderr=True, tty=True)
+    assert "stderr" not in streams  # a tty: stderr shares the console
+    ws = WsClient(attach_url(guest, api), ["v5.channel.k8s.io"])
+    try:
+        word = secrets.token_hex(4)
+        streams["stdin"].write(f"spdy-{word}\n".encode())
+        want = f"MINIMAL-GUEST-ECHO spdy-{word}".encode()
+        assert want in streams["stdout"].read_until(want), "the SPDY attacher sees the echo"
+        assert want in ws.wait_for(1, want), "so does the WebSocket attacher"
+        ws.send(0, f"ws-{word}\n".encode())
+        want2 = f"MINIMAL-GUEST-ECHO ws-{word}".encode()
+        assert want2 in streams["stdout"].read_until(want2)
+        assert want2 in ws.wait_for(1, want2)
+        # the log file receives everything, attached or not
+        wait_for("both lines in the CRI log", lambda: f"spdy-{word}" in log_text(guest.log)
+                 and f"ws-{word}" in log_text(guest.log), 10)
+        streams["resize"].write(b'{"Width":100,"Height":40}\n')  # accepted, ignored
+    finally:
+        spdy.close()
+        ws.close()
+    assert running(guest), "detaching leaves the VM running"
+
+
+def test_a_token_is_single_use(guest: Guest) -> None:
+    url = attach_url(guest, "v1")
+    first = WsClient(url, [V4])
+    first.close()
+    reply = http_request(url, headers=[("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"),
+                                       ("X-Stream-Protocol-Version", V4)])
+    assert reply.status == 404
+    bogus = url.rsplit("/", 1)[0] + "/AAAAAAAA"
+    assert http_request(bogus).status == 404
+
+
+def test_exec_without_a_guest_agent_is_a_clean_failure(guest: Guest) -> None:
+    """The RPC hands out the URL (the VM runs); the session finds no agent and says so in
+    the v4 status, to the Go client on spdystream, before reading any stdin."""
+    pb, _ = APIS["v1"]
+    url = guest.d.runtime("v1").Exec(pb.ExecRequest(
+        container_id=guest.cid, cmd=["uname", "-a"], stdin=True, stdout=True, stderr=True),
+        timeout=15).url
+    r = subprocess.run([str(spdyclient()), "exec", url, V4, "1", "0"], input=b"unread\n",
+                       capture_output=True, timeout=60)
+    assert b"ERROR: " in r.stderr, r.stderr
+    status = json.loads(r.stderr.split(b"ERROR: ", 1)[1])
+    assert status["status"] == "Failure" and "guest agent" in status["message"], status
+    assert running(guest)
+
+
+def test_port_forward_reports_why_it_cannot_reach_the_vm(guest: Guest) -> None:
+    """Today's pod wiring gives the pod namespace no address on the VM's subnet (see the
+    README, Exec, Attach and PortForward): the connection fails, and the client is told
+    so on the error stream in the protocol's format, naming the port and the pod."""
+    pb, _ = APIS["v1alpha2"]
+    url = guest.d.runtime("v1alpha2").PortForward(pb.PortForwardRequest(
+        pod_sandbox_id=guest.sid, port=[80]), timeout=15).url
+    c = SpdyClient.connect(url, ["portforward.k8s.io"])
+    try:
+        err = c.open({"streamtype": "error", "port": "80", "requestid": "0"})
+        err.close()
+        data = c.open({"streamtype": "data", "port": "80", "requestid": "0"})
+        text = err.read_all()
+        assert text.startswith(f"error forwarding port 80 to pod {guest.sid}".encode()), text
+        assert data.read_all() == b""
+    finally:
+        c.close()
+
+
+def test_attach_to_a_stopped_vm_is_refused(guest: Guest) -> None:
+    """Last: stops the VM."""
+    pb, _ = APIS["v1"]
+    rt = guest.d.runtime("v1")
+    ws = WsClient(attach_url(guest, "v1"), [V4])
+    rt.StopContainer(pb.StopContainerRequest(container_id=guest.cid, timeout=0), timeout=60)
+    assert ws.wait_closed(30), "the attach session ends when the VM stops"
+    ws.close()
+    for api in APIS:
+        pbx, _ = APIS[api]
+        code, details = code_of(lambda pbx=pbx, api=api: guest.d.runtime(api).Attach(  # type: ignore[misc]
+            pbx.AttachRequest(container_id=guest.cid, stdin=True, stdout=True, tty=True),
+            timeout=15))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (api, code, details)
+    code, _ = code_of(lambda: rt.Attach(pb.AttachRequest(container_id="no-such", stdout=True),
+                                        timeout=15))
+    assert code == grpc.StatusCode.NOT_FOUND
