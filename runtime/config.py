@@ -74,6 +74,13 @@ class Settings:
     # quotas, never below the VM's own size at creation.
     vm_max_vcpus: int = 0
     vm_max_memory_mib: int = 0
+    # Volumes (service/volumes.py): host directories a pod may share into its VM lie below
+    # one of these roots (comma-separated absolute paths; never /); the files of its
+    # ConfigMap/Secret/projected volumes, carried by the seed, are at most this many KiB
+    # in all; block devices plus extra disks per VM are at most max_vm_disks.
+    volume_allowed_roots: str = "/var/lib/kubelet/pods"
+    volume_files_max_kib: int = 4096
+    max_vm_disks: int = 8
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,6 +167,12 @@ def validate(s: Settings) -> None:
         except ValueError:
             raise InvalidArgument(f"image-pull-denied-networks: {entry[:80]!r} is not an IP "
                                   "network (e.g. 127.0.0.0/8 or fe80::/10)") from None
+    for root in volume_allowed_roots(s):
+        if not os.path.isabs(root) or os.path.normpath(root) == "/":
+            raise InvalidArgument(f"volume-allowed-roots: {root[:80]!r} must be an absolute "
+                                  "path other than /")
+    if s.volume_files_max_kib < 0 or s.max_vm_disks < 0:
+        raise InvalidArgument("volume-files-max-kib and max-vm-disks must not be negative")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidArgument(f"log-level {s.log_level!r}: debug, info, warning or error")
 
@@ -167,3 +180,8 @@ def validate(s: Settings) -> None:
 def denied_networks(s: Settings) -> list[str]:
     """The entries of image-pull-denied-networks."""
     return [e.strip() for e in s.image_pull_denied_networks.split(",") if e.strip()]
+
+
+def volume_allowed_roots(s: Settings) -> list[str]:
+    """The entries of volume-allowed-roots."""
+    return [e.strip() for e in s.volume_allowed_roots.split(",") if e.strip()]

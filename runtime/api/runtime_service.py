@@ -13,6 +13,7 @@ from ..service.network_state import NetworkStatus
 from ..service.nic_spec import NicInfo
 from ..service.pods import ContainerInput, now_ns
 from ..service.records import SANDBOX_READY, SandboxRecord
+from ..service.volumes import DeviceInput, MountInput
 from . import convert
 from .dispatch import Call
 from .pools import Kind, Pools
@@ -115,7 +116,10 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs):
             envs=[(e.key, e.value) for e in cfg.envs], sandbox_annotations=sandbox_annotations,
             cpu_period=linux.cpu_period if linux else 0,
             cpu_quota=linux.cpu_quota if linux else 0,
-            memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0)
+            memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0,
+            mounts=[MountInput(m.container_path, m.host_path, m.readonly) for m in cfg.mounts],
+            devices=[DeviceInput(d.container_path, d.host_path, d.permissions)
+                     for d in cfg.devices])
         cid = await self.pools.run(Kind.LIBVIRT, self.core.pods.create_container,
                                    request.pod_sandbox_id, c)
         return call.pb.CreateContainerResponse(container_id=cid)
