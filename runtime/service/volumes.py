@@ -9,7 +9,7 @@ checked and turned into a part of the VM:
   mount of a single regular file (a subPath): their files are read on the host (bounded
   by the setting volume-files-max-kib, no symlink leading out of the volume) and written
   into the guest at the container path by the seed (cloud-init write_files, base64, with
-  the file's mode; Secret and projected files never readable by others in the guest).
+  the file's mode; Secret and projected files readable by root alone in the guest).
   The seed ISO that carries them is root's, 0600 (adapters/seed_iso).
 - Any other directory (emptyDir, hostPath): shared with virtiofs (a virtiofsd per share,
   started by libvirt), mounted at the container path on every boot by the seed; readonly
@@ -199,7 +199,7 @@ def plan_volumes(mounts: Sequence[MountInput], devices: Sequence[DeviceInput],
                     if kind == "dir" else [host_volumes.read_file(resolved, what, budget)])
             for f in read:
                 budget -= len(f.data)
-                mode = f.mode & (0o770 if secret else 0o777)
+                mode = f.mode & (0o700 if secret else 0o777)
                 files.append(GuestFile(f"{dest.rstrip('/')}/{f.rel}" if f.rel else dest,
                                        f.data, mode))
         elif kind == "dir":

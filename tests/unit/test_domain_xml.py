@@ -20,11 +20,11 @@ import pytest
 
 from arktos_vm_runtime.adapters import domain_xml as dx
 from arktos_vm_runtime.adapters.domain_xml import (
-    DiskSpec,
-    FilesystemSpec,
     METADATA_NS,
+    DiskSpec,
     DomainMetadata,
     DomainSpec,
+    FilesystemSpec,
     InterfaceSpec,
     parse_metadata,
     render_domain,

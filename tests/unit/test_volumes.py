@@ -70,7 +70,7 @@ def test_configmap_and_secret_files_with_modes(pods: Path, settings: Settings) -
     assert got == {"/etc/app/app.conf": (b"a=1\n", 0o644),
                    "/etc/app/sub/x.bin": (b"\x00\xff", 0o755),
                    # a Secret is never readable by others in the guest
-                   "/var/run/secrets/tok/token": (b"s3cret", 0o640)}
+                   "/var/run/secrets/tok/token": (b"s3cret", 0o600)}
     assert not p.disks and not p.filesystems and not p.boot_lines
 
 
@@ -86,7 +86,7 @@ def test_symlink_out_of_the_volume_refused(pods: Path, settings: Settings,
 def test_size_limit(pods: Path, settings: Settings) -> None:
     small = dataclasses.replace(settings, volume_files_max_kib=1)
     cm = kubelet_volume(pods, "configmap", "big", {"blob": (b"x" * 1025, 0o644)})
-    with pytest.raises(InvalidArgument, match="larger than 1024 bytes.*volume-files-max-kib"):
+    with pytest.raises(InvalidArgument, match=r"larger than 1024 bytes.*volume-files-max-kib"):
         plan(small, [MountInput("/etc/big", str(cm))])
     # the limit is over all of the pod's file volumes together
     a = kubelet_volume(pods, "configmap", "a", {"f": (b"x" * 600, 0o644)})
@@ -174,7 +174,7 @@ def test_disk_limit(settings: Settings) -> None:
     few = dataclasses.replace(settings, max_vm_disks=2)
     extra = ('[{"name": "a", "size": "1Gi"}, {"name": "b", "size": "1Gi"},'
              ' {"name": "c", "size": "1Gi"}]')
-    with pytest.raises(InvalidArgument, match="3 disks.*more than 2.*max-vm-disks"):
+    with pytest.raises(InvalidArgument, match=r"3 disks.*more than 2.*max-vm-disks"):
         plan(few, [], extra=extra)
 
 
