@@ -246,3 +246,27 @@ def test_secret_not_in_a_user_data_script_seed(pods: Path, settings: Settings,
     assert seed.user_data == "#!/bin/sh\necho hi\n"
     assert "not carried" in caplog.text
     assert "hunter2" not in caplog.text
+
+
+def test_a_fifo_or_a_directory_link_out_is_refused(pods: Path, settings: Settings,
+                                                  tmp_path: Path) -> None:
+    cm = kubelet_volume(pods, "configmap", "odd", {"ok": (b"1", 0o644)})
+    os.mkfifo(cm / "..data" / "pipe")
+    os.symlink("..data/pipe", cm / "pipe")
+    with pytest.raises(InvalidArgument, match="'pipe' is not a regular file"):
+        plan(settings, [MountInput("/etc/odd", str(cm))])  # and never blocks on the FIFO
+    (cm / "pipe").unlink()
+    outside = tmp_path / "outside-dir"
+    outside.mkdir()
+    (outside / "f").write_text("x")
+    os.symlink(outside, cm / "..data" / "dir")
+    os.symlink("..data/dir", cm / "dir")
+    with pytest.raises(InvalidArgument, match="'dir' leads outside the volume"):
+        plan(settings, [MountInput("/etc/odd", str(cm))])
+
+
+def test_two_mounts_at_one_path(pods: Path, settings: Settings) -> None:
+    (pods / "a").mkdir()
+    (pods / "b").mkdir()
+    with pytest.raises(InvalidArgument, match="used twice"):
+        plan(settings, [MountInput("/data", str(pods / "a")), MountInput("/data", str(pods / "b"))])
