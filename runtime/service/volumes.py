@@ -226,8 +226,13 @@ def plan_volumes(mounts: Sequence[MountInput], devices: Sequence[DeviceInput],
                               "none", readonly="w" not in d.permissions))
         q = shlex.quote(dest)
         boot.append(f"mkdir -p \"$(dirname {q})\" && ln -sfn {by_id(root_bus, serial)} {q}")
+    max_disk = settings.max_pod_root_volume_gib << 30
     for x in extra:
         what = f"extra disk {x.name!r}"
+        if max_disk and x.size_bytes > max_disk:
+            raise _bad(what, f"size {x.size_bytes} bytes is over "
+                             f"{settings.max_pod_root_volume_gib} GiB "
+                             "(setting max-pod-root-volume-gib)")
         path = vm_dir / f"disk-{x.name}.qcow2"
         disks.append(DiskSpec(path, "file", targets.take(x.bus), x.bus, x.serial, x.cache))
         new_disks.append((path, x.size_bytes))

@@ -270,3 +270,10 @@ def test_two_mounts_at_one_path(pods: Path, settings: Settings) -> None:
     (pods / "b").mkdir()
     with pytest.raises(InvalidArgument, match="used twice"):
         plan(settings, [MountInput("/data", str(pods / "a")), MountInput("/data", str(pods / "b"))])
+
+
+def test_extra_disk_size_quota(settings: Settings) -> None:
+    small = dataclasses.replace(settings, max_pod_root_volume_gib=1)
+    assert plan(small, [], extra='[{"name": "a", "size": "1Gi"}]').new_disks
+    with pytest.raises(InvalidArgument, match="max-pod-root-volume-gib"):
+        plan(small, [], extra='[{"name": "a", "size": "2Gi"}]')
