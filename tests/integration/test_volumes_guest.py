@@ -126,6 +126,7 @@ def guest() -> Iterator[Guest]:
                             "mountPath": "/data"}])})
                     sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
                                            timeout=30).pod_sandbox_id
+                    remove = pb.RemovePodSandboxRequest(pod_sandbox_id=sid)
                     cc = container_config(pb, image, memory_mib=512)
                     cc.mounts.extend([
                         pb.Mount(container_path="/etc/app", host_path=str(cm), readonly=True),
@@ -142,13 +143,15 @@ def guest() -> Iterator[Guest]:
                     cid = rt.CreateContainer(pb.CreateContainerRequest(
                         pod_sandbox_id=sid, sandbox_config=cfg, config=cc),
                         timeout=120).container_id
-                    rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-                    g = Guest(d, sid, cid, tmp, empty_dir, host_dir, loop)
-                    wait_for("cloud-init to finish in the guest", lambda: _cloud_init_done(g),
-                             BOOT_TIMEOUT, every=3)
-                    yield g
-                    rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
-                                        timeout=120)
+                    try:
+                        rt.StartContainer(pb.StartContainerRequest(container_id=cid),
+                                          timeout=60)
+                        g = Guest(d, sid, cid, tmp, empty_dir, host_dir, loop)
+                        wait_for("cloud-init to finish in the guest",
+                                 lambda: _cloud_init_done(g), BOOT_TIMEOUT, every=3)
+                        yield g
+                    finally:
+                        d.runtime("v1alpha2").RemovePodSandbox(remove, timeout=120)
                 finally:
                     d.stop()
         finally:
