@@ -14,7 +14,7 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,8 @@ class Guest:
     empty_dir: Path
     host_dir: Path
     loop: str
+    #: a new daemon on the same state directory (test_volumes_survive_a_daemon_restart)
+    new_daemon: Callable[[], Daemon]
 
 
 def _exec(g: Guest, argv: list[str], timeout: int = 30) -> object:
@@ -113,7 +115,11 @@ def guest() -> Iterator[Guest]:
             (tmp / "img" / "guest.qcow2").symlink_to(cloud_guest_image())
             with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host:
                 image = f"{host}/guest.qcow2"
-                d = vm_runtime(tmp, net, "--volume-allowed-roots", str(tmp / "kubelet")).start()
+                def new_daemon() -> Daemon:
+                    return vm_runtime(tmp, net, "--volume-allowed-roots", str(tmp / "kubelet"))
+
+                d = new_daemon().start()
+                g: Guest | None = None
                 pb, _ = APIS["v1alpha2"]
                 rt = d.runtime("v1alpha2")
                 try:
@@ -146,14 +152,15 @@ def guest() -> Iterator[Guest]:
                     try:
                         rt.StartContainer(pb.StartContainerRequest(container_id=cid),
                                           timeout=60)
-                        g = Guest(d, sid, cid, tmp, empty_dir, host_dir, loop)
+                        g = Guest(d, sid, cid, tmp, empty_dir, host_dir, loop, new_daemon)
                         wait_for("cloud-init to finish in the guest",
                                  lambda: _cloud_init_done(g), BOOT_TIMEOUT, every=3)
                         yield g
                     finally:
-                        d.runtime("v1alpha2").RemovePodSandbox(remove, timeout=120)
+                        (g.d if g else d).runtime("v1alpha2").RemovePodSandbox(
+                            remove, timeout=120)
                 finally:
-                    d.stop()
+                    (g.d if g else d).stop()
         finally:
             subprocess.run(["losetup", "-d", loop], check=False)
 
@@ -225,7 +232,7 @@ def test_root_filesystem_at_the_requested_size(guest: Guest) -> None:
 
 def test_volumes_survive_a_daemon_restart(guest: Guest) -> None:
     guest.d.stop()
-    guest.d.start()
+    guest.d = guest.new_daemon().start()
     xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", f"avr-{guest.cid}"],
                          capture_output=True, text=True, check=True).stdout
     for part in ("<serial>x-data</serial>", "<serial>d-0</serial>", "type='virtiofs'",
