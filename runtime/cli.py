@@ -56,6 +56,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="address of the Exec/Attach/PortForward streaming server (127.0.0.1)")
     p.add_argument("--streaming-port", type=int, metavar="PORT",
                    help="its TCP port (0, the default: a free port picked at each start)")
+    p.add_argument("--volume-allowed-roots", metavar="DIRS",
+                   help="comma-separated roots host directories shared into VMs must lie "
+                        "below (/var/lib/kubelet/pods; never /)")
+    p.add_argument("--volume-files-max-kib", type=int, metavar="KIB",
+                   help="ConfigMap/Secret/projected files one pod's seed carries (4096)")
+    p.add_argument("--max-vm-disks", type=int, metavar="N",
+                   help="block devices plus extra disks of one VM (8)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

@@ -79,6 +79,13 @@ class Settings:
     # it); port 0 picks a free port at every start (the URLs carry it).
     streaming_address: str = "127.0.0.1"
     streaming_port: int = 0
+    # Volumes (service/volumes.py): host directories a pod may share into its VM lie below
+    # one of these roots (comma-separated absolute paths; never /); the files of its
+    # ConfigMap/Secret/projected volumes, carried by the seed, are at most this many KiB
+    # in all; block devices plus extra disks per VM are at most max_vm_disks.
+    volume_allowed_roots: str = "/var/lib/kubelet/pods"
+    volume_files_max_kib: int = 4096
+    max_vm_disks: int = 8
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +179,12 @@ def validate(s: Settings) -> None:
                               "address (e.g. 127.0.0.1 or ::1)") from None
     if not 0 <= s.streaming_port <= 65535:
         raise InvalidArgument(f"streaming-port {s.streaming_port}: 0 (any free port) to 65535")
+    for root in volume_allowed_roots(s):
+        if not os.path.isabs(root) or os.path.normpath(root) == "/":
+            raise InvalidArgument(f"volume-allowed-roots: {root[:80]!r} must be an absolute "
+                                  "path other than /")
+    if s.volume_files_max_kib < 0 or s.max_vm_disks < 0:
+        raise InvalidArgument("volume-files-max-kib and max-vm-disks must not be negative")
     if s.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise InvalidArgument(f"log-level {s.log_level!r}: debug, info, warning or error")
 
@@ -179,3 +192,8 @@ def validate(s: Settings) -> None:
 def denied_networks(s: Settings) -> list[str]:
     """The entries of image-pull-denied-networks."""
     return [e.strip() for e in s.image_pull_denied_networks.split(",") if e.strip()]
+
+
+def volume_allowed_roots(s: Settings) -> list[str]:
+    """The entries of volume-allowed-roots."""
+    return [e.strip() for e in s.volume_allowed_roots.split(",") if e.strip()]

@@ -112,6 +112,52 @@ class InterfaceSpec:
         _require(self.model == "virtio", f"interface model {self.model!r}: only virtio")
 
 
+_SERIAL = re.compile(r"[A-Za-z0-9_-]{1,20}")  # virtio-blk serials: 20 bytes at most
+_TARGET = re.compile(r"(vd|sd)[a-z]{1,2}")
+_TAG = re.compile(r"[A-Za-z0-9_-]{1,36}")  # a virtiofs tag (the guest's mount source)
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A disk beyond the root disk: an extra qcow2 in the VM's directory (`file`) or a
+    host block device (`block`), with a serial the guest finds it by."""
+
+    source: Path
+    kind: Literal["file", "block"]
+    target: str
+    bus: DiskBus
+    serial: str
+    cache: DiskCache
+    readonly: bool = False
+
+    @property
+    def format(self) -> str:
+        return "qcow2" if self.kind == "file" else "raw"
+
+    def __post_init__(self) -> None:
+        _check_path("disk source", self.source)
+        _require(self.kind in ("file", "block"), f"disk kind {self.kind!r}")
+        _require(bool(_TARGET.fullmatch(self.target)), f"disk target {self.target!r}")
+        _require(self.target.startswith("vd" if self.bus == "virtio" else "sd"),
+                 f"disk target {self.target!r} on bus {self.bus!r}")
+        _require(self.bus in ("virtio", "scsi"), f"disk bus {self.bus!r}")
+        _require(bool(_SERIAL.fullmatch(self.serial)), f"disk serial {self.serial!r}")
+        _require(self.cache in ("none", "writeback"), f"disk cache {self.cache!r}")
+
+
+@dataclass(frozen=True)
+class FilesystemSpec:
+    """A host directory shared into the guest with virtiofs, mounted there by its tag."""
+
+    source: Path
+    tag: str
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        _check_path("filesystem source", self.source)
+        _require(bool(_TAG.fullmatch(self.tag)), f"filesystem tag {self.tag!r}")
+
+
 @dataclass(frozen=True)
 class DomainSpec:
     """Everything the domain XML says. Every field is given: the choices (and their
@@ -140,6 +186,10 @@ class DomainSpec:
     #: (0: its current size, no headroom); the designer decides them
     max_vcpus: int = 0
     max_memory_mib: int = 0
+    #: disks beyond the root disk and the seed (extra qcow2s, host block devices)
+    disks: tuple[DiskSpec, ...] = ()
+    #: host directories shared with virtiofs (they need shared memory backing)
+    filesystems: tuple[FilesystemSpec, ...] = ()
 
     def __post_init__(self) -> None:
         _check_text("domain name", self.name, allow_empty=False)
@@ -181,12 +231,22 @@ class DomainSpec:
         _require(len(taps) == len(set(taps)), "two interfaces share a tap")
         macs = [i.mac for i in self.interfaces]
         _require(len(macs) == len(set(macs)), "two interfaces share a MAC address")
+        targets = [self.root_disk_target, *(d.target for d in self.disks)]
+        _require(len(targets) == len(set(targets)), "two disks share a target")
+        serials = [d.serial for d in self.disks]
+        _require(len(serials) == len(set(serials)), "two disks share a serial")
+        tags = [f.tag for f in self.filesystems]
+        _require(len(tags) == len(set(tags)), "two filesystems share a tag")
 
     # Two facts of libvirt/QEMU the template needs, not choices: the guest device name a
     # bus gives the first disk, and host-model CPUs existing only under KVM.
     @property
     def root_disk_target(self) -> str:
         return "vda" if self.disk_bus == "virtio" else "sda"
+
+    @property
+    def scsi_controller(self) -> bool:
+        return self.disk_bus == "scsi" or any(d.bus == "scsi" for d in self.disks)
 
     @property
     def vcpus_max(self) -> int:

@@ -79,8 +79,11 @@ def write_seed_iso(files: SeedFiles, kind: SeedKind, dest: Path) -> None:
             root = Path(staging)
             for rel, text in layout.items():
                 path = root / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(text.encode("utf-8"))
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # user-data may carry a pod's Secrets: root's alone, whatever the umask
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    out.write(text.encode("utf-8"))
             argv = [
                 GENISOIMAGE,
                 "-output", str(tmp),

@@ -13,6 +13,7 @@ from ..service.network_state import NetworkStatus
 from ..service.nic_spec import NicInfo
 from ..service.pods import ContainerInput, now_ns
 from ..service.records import SANDBOX_READY, SandboxRecord
+from ..service.volumes import DeviceInput, MountInput
 from . import convert
 from .dispatch import Call
 from .pools import Kind, Pools
@@ -117,7 +118,10 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingR
             cpu_period=linux.cpu_period if linux else 0,
             cpu_quota=linux.cpu_quota if linux else 0,
             memory_limit_in_bytes=linux.memory_limit_in_bytes if linux else 0,
-            tty=cfg.tty, stdin=cfg.stdin)
+            tty=cfg.tty, stdin=cfg.stdin,
+            mounts=[MountInput(m.container_path, m.host_path, m.readonly) for m in cfg.mounts],
+            devices=[DeviceInput(d.container_path, d.host_path, d.permissions)
+                     for d in cfg.devices])
         cid = await self.pools.run(Kind.LIBVIRT, self.core.pods.create_container,
                                    request.pod_sandbox_id, c)
         return call.pb.CreateContainerResponse(container_id=cid)

@@ -22,6 +22,7 @@ from ..adapters import qemu_img
 from ..adapters.console_log import ConsoleLogs, parts_below
 from ..adapters.domain_xml import render_domain
 from ..adapters.guest_agent import GuestAgent
+from ..adapters.host_volumes import create_disk
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, LifecycleEvent
 from ..adapters.seed_iso import write_seed_iso
 from ..checks import shown
@@ -36,6 +37,7 @@ from .records import CREATED, CREATING, EXITED, RUNNING, SANDBOX_READY, Containe
 from .seed import render_seed
 from .vm_stop import graceful_stop
 from .vmconfig import parse_vm_config
+from .volumes import DeviceInput, MountInput, plan_volumes
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class ContainerInput:
     memory_limit_in_bytes: int = 0
     tty: bool = False
     stdin: bool = False
+    mounts: Sequence[MountInput] = ()
+    devices: Sequence[DeviceInput] = ()
 
 
 def now_ns() -> int:
@@ -192,6 +196,9 @@ class Containers:
                 # domain's definition, and a rollback or a remove would undefine it.
                 raise AlreadyExists(f"VM uuid {cid} is already used by a libvirt domain "
                                     "this runtime does not hold")
+            # Checked and read before the record: a bad volume leaves nothing behind.
+            volumes = plan_volumes(c.mounts, c.devices, vm.extra_disks, self.settings,
+                                   self._vm_root / cid, vm.disk_driver)
             rec = ContainerRecord(
                 id=cid, sandbox_id=sandbox_id, name=c.name, attempt=c.attempt,
                 state=CREATING, created_at=now_ns(), image=c.image, image_ref=image.id,
@@ -214,16 +221,18 @@ class Containers:
                 net = self._networks.network(sandbox_id)
                 plan = designer.design(sb, cid, vm, image, self.settings, Path(rec.vm_dir),
                                        net.interfaces, self._domains.instance,
-                                       self._quotas)
+                                       self._quotas, volumes)
                 plan.files.dir.mkdir(mode=0o711)
                 os.chmod(plan.files.dir, 0o711)  # whatever the umask: QEMU reaches its disks
                 faults.point("create_container.dir", sandbox_id)
                 qemu_img.create_overlay(image.path, image.format, plan.files.root_disk,
                                      plan.root_disk_bytes)
+                for path, size in volumes.new_disks:
+                    create_disk(path, size)
                 faults.point("create_container.overlay", sandbox_id)
                 seed = render_seed(vm, instance_id=cid, hostname=sb.hostname or sb.name,
                                    env=c.envs, network=net.network_info,
-                                   template_dirs=self._templates)
+                                   template_dirs=self._templates, volumes=volumes)
                 write_seed_iso(seed, vm.cloud_init_type, plan.files.seed_iso)
                 faults.point("create_container.seed", sandbox_id)
                 self._domains.define_new(cid, render_domain(plan.domain, self._templates))

@@ -21,6 +21,7 @@ from .quotas import Quotas
 from .records import SandboxRecord
 from .vm_size import MAX_VCPUS
 from .vmconfig import ANN_SYSTEM_UUID, VMConfig
+from .volumes import VolumePlan
 
 # Container ids are name-based UUIDs of the sandbox id (the contract), in this namespace.
 ID_NAMESPACE = uuid_mod.UUID("6f1d3c1e-7a43-5b0e-9d2f-8a5c4e3b2a10")
@@ -102,7 +103,7 @@ def headroom(vm: VMConfig, settings: Settings, quotas: Quotas | None) -> tuple[i
 
 def design(pod: SandboxRecord, cid: str, vm: VMConfig, image: ImageFacts, settings: Settings,
            vm_dir: Path, interfaces: tuple[InterfaceSpec, ...], instance: str = "",
-           quotas: Quotas | None = None) -> VmDesign:
+           quotas: Quotas | None = None, volumes: VolumePlan | None = None) -> VmDesign:
     files = VmFiles(vm_dir)
     # TCG when KVM is disabled (no usable /dev/kvm); host-model CPUs only mean anything
     # under KVM, so TCG gets QEMU's default CPU.
@@ -119,6 +120,8 @@ def design(pod: SandboxRecord, cid: str, vm: VMConfig, image: ImageFacts, settin
         cpu_model=vm.cpu_model if domain_type == "kvm" else "",
         machine=MACHINE, disk_bus=vm.disk_driver, disk_cache=DISK_CACHE,
         system_uuid=vm.system_uuid, interfaces=interfaces, emulator=None,
-        max_vcpus=max_vcpus, max_memory_mib=max_memory_mib)
+        max_vcpus=max_vcpus, max_memory_mib=max_memory_mib,
+        disks=volumes.disks if volumes else (),
+        filesystems=volumes.filesystems if volumes else ())
     # The root disk is never smaller than the image; the pod may ask for more.
     return VmDesign(files, max(image.virtual_size, vm.root_volume_bytes), spec)

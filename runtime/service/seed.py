@@ -29,9 +29,10 @@ from typing import Any
 from ..adapters import seed_templates
 from ..adapters.seed_iso import SeedFiles
 from ..adapters.templates import default_template_dirs
-from ..errors import InvalidArgument
+from ..errors import Internal, InvalidArgument
 from .guest_network import NetInterface, NetworkInfo
-from .vmconfig import VMConfig
+from .vmconfig import ANN_USER_DATA_SCRIPT, VMConfig
+from .volumes import VolumePlan
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,24 @@ def merge_pod_data(
     return deep_merge(generated, pod)
 
 
+def add_volumes(user_data: dict[str, Any], volumes: VolumePlan,
+                template_dirs: Sequence[Path | str]) -> dict[str, Any]:
+    """`user_data` with the lists the template volumes.j2 renders for the pod's volumes
+    appended to its own (a list the pod set is kept, ours follow it)."""
+    extra = seed_templates.render_yaml(
+        template_dirs, "volumes", files=[f.context for f in volumes.files],
+        boot_script=volumes.boot_script)
+    out = dict(user_data)
+    for key, value in extra.items():
+        if not value:
+            continue
+        if not isinstance(value, list):
+            raise Internal(f"template cloud-init/volumes.j2: {key} must be a list")
+        current = out.get(key)
+        out[key] = [*(current if isinstance(current, list) else []), *value]
+    return out
+
+
 def render_seed(
     vm: VMConfig,
     *,
@@ -189,18 +208,26 @@ def render_seed(
     env: Sequence[tuple[str, str]],
     network: NetworkInfo | None,
     template_dirs: Sequence[Path | str] | None = None,
+    volumes: VolumePlan | None = None,
 ) -> SeedFiles:
     """All files of the pod's seed, for either kind (write_seed_iso picks its own)."""
     dirs = default_template_dirs() if template_dirs is None else template_dirs
     keys = list(vm.ssh_keys)
+    carried = volumes is not None and bool(volumes.files or volumes.boot_lines)
 
     if vm.user_data_script is not None:
         user_data = vm.user_data_script
+        if carried:
+            log.warning("the pod's user-data is a script (%s): its volumes' files and "
+                        "mounts are not carried into the guest", ANN_USER_DATA_SCRIPT)
     else:
         generated = seed_templates.render_yaml(
             dirs, "user-data", environment_path=ENVIRONMENT_FILE,
             environment=environment_file(env), ssh_keys=keys)
         merged = merge_pod_data(generated, vm.user_data, overwrite=vm.user_data_overwrite)
+        if carried:
+            assert volumes is not None
+            merged = add_volumes(merged, volumes, dirs)
         user_data = CLOUD_CONFIG + seed_templates.to_yaml(merged)
 
     meta = dict(instance_id=instance_id, hostname=hostname, ssh_keys=keys)

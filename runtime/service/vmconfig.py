@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from ..checks import is_uuid, shown
 from ..errors import InvalidArgument
+from .extra_disks import ANN_EXTRA_DISKS, ExtraDisk, parse_extra_disks
 from .nic_spec import (
     ANN_CNI_ARGS,
     ANN_NICS,
@@ -68,6 +69,7 @@ ALL_ANNOTATIONS = (
     ANN_VPC,
     ANN_NICS,
     ANN_CNI_ARGS,
+    ANN_EXTRA_DISKS,
 )
 
 
@@ -100,6 +102,7 @@ class VMConfig:
     vpc: str = ""
     nics: tuple[NicInfo, ...] = ()
     cni_args: tuple[tuple[str, str], ...] = field(default=())
+    extra_disks: tuple[ExtraDisk, ...] = ()
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -206,4 +209,5 @@ def parse_vm_config(
         vpc=parse_vpc(_get(annotations, ANN_VPC)),
         nics=parse_nics(_get(annotations, ANN_NICS)),
         cni_args=parse_cni_args(_get(annotations, ANN_CNI_ARGS)),
+        extra_disks=_parsed(annotations, ANN_EXTRA_DISKS, parse_extra_disks) or (),
     )

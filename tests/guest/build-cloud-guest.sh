@@ -21,7 +21,9 @@ disk_mib=1536
 debcache=${AVR_DEB_CACHE:-${AVR_TEST_CACHE:-/var/cache/arktos-vm-runtime-tests}/debs}
 # dbus (only a Recommends of systemd): without it logind does not run, so the ACPI power button
 # (virsh shutdown) is ignored and qemu-guest-agent's guest-shutdown ("shutdown -P +0") fails.
-packages=systemd-sysv,udev,kmod,iproute2,dbus,linux-image-cloud-amd64,cloud-init,qemu-guest-agent
+# cloud-guest-utils: growpart, which cloud-init's growpart module runs to grow the root
+# partition into a root disk larger than the image (VirtletRootVolumeSize).
+packages=systemd-sysv,udev,kmod,iproute2,dbus,linux-image-cloud-amd64,cloud-init,qemu-guest-agent,cloud-guest-utils
 # The cloud kernel loads only what the initramfs lists before / is mounted. sr_mod cdrom isofs
 # must be there: ds-identify runs as a systemd generator before udev loads drivers, and without
 # a visible CD-ROM it finds no seed and disables cloud-init altogether.
@@ -55,6 +57,8 @@ system_info:
 cloud_init_modules:
   - bootcmd
   - write_files
+  - growpart
+  - resizefs
   - set_hostname
   - update_hostname
   - update_etc_hosts

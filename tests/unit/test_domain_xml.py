@@ -21,8 +21,10 @@ import pytest
 from arktos_vm_runtime.adapters import domain_xml as dx
 from arktos_vm_runtime.adapters.domain_xml import (
     METADATA_NS,
+    DiskSpec,
     DomainMetadata,
     DomainSpec,
+    FilesystemSpec,
     InterfaceSpec,
     parse_metadata,
     render_domain,
@@ -282,6 +284,23 @@ GOLDEN_CASES: dict[str, dict[str, Any]] = {
     # live resize headroom: 2 of 4 vCPUs present, 512 MiB of at most 2048 (balloon)
     "domain-resize-headroom.xml": {"vcpus": 2, "max_vcpus": 4, "memory_mib": 512,
                                    "max_memory_mib": 2048},
+    # volumes: an extra qcow2 on virtio, one on scsi (which brings the controller), a
+    # read-only host block device, two virtiofs shares (shared memory backing)
+    "domain-volumes.xml": {
+        "disks": (
+            DiskSpec(Path("/var/lib/avr/vm/disk-data.qcow2"), "file", "vdb", "virtio",
+                     "x-data", "writeback"),
+            DiskSpec(Path("/var/lib/avr/vm/disk-logs.qcow2"), "file", "sda", "scsi",
+                     "x-logs", "none"),
+            DiskSpec(Path("/dev/loop7"), "block", "vdc", "virtio", "d-0", "none",
+                     readonly=True),
+        ),
+        "filesystems": (
+            FilesystemSpec(Path("/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/c"),
+                           "fs0"),
+            FilesystemSpec(Path("/srv/data"), "fs1", readonly=True),
+        ),
+    },
 }
 
 

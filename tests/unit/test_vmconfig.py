@@ -635,6 +635,7 @@ EVERY_BAD = {
     "VPC": "a;b",
     "NICs": "{",
     CNI: "x",
+    "VirtletExtraDisks": "[{\"name\": \"Data\", \"size\": \"1Gi\"}]",
 }
 
 
