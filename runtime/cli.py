@@ -63,6 +63,13 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="ConfigMap/Secret/projected files one pod's seed carries (4096)")
     p.add_argument("--max-vm-disks", type=int, metavar="N",
                    help="block devices plus extra disks of one VM (8)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on this TCP port (0, the default: off)")
+    p.add_argument("--metrics-address", metavar="IP",
+                   help="address the metrics endpoint listens on (127.0.0.1)")
+    p.add_argument("--metrics-max-vms", type=int, metavar="N",
+                   help="VMs with per-VM series in a scrape; the rest are counted as "
+                        "dropped (500)")
     p.add_argument("--template-dir", metavar="DIR",
                    help="operator template overrides (/etc/arktos-vm-runtime/templates)")
     p.add_argument("--pod-logs-dir", metavar="DIR",

@@ -86,6 +86,12 @@ class Settings:
     volume_allowed_roots: str = "/var/lib/kubelet/pods"
     volume_files_max_kib: int = 4096
     max_vm_disks: int = 8
+    # Prometheus metrics (GET /metrics, daemon/metrics_http.py): off while the port is 0,
+    # the default; loopback unless an address is set. At most metrics_max_vms VMs get
+    # per-VM series in a scrape (the rest are counted as dropped series).
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 0
+    metrics_max_vms: int = 500
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,6 +183,15 @@ def validate(s: Settings) -> None:
     except ValueError:
         raise InvalidArgument(f"streaming-address {s.streaming_address[:80]!r} is not an IP "
                               "address (e.g. 127.0.0.1 or ::1)") from None
+    try:
+        ipaddress.ip_address(s.metrics_address)
+    except ValueError:
+        raise InvalidArgument(f"metrics-address {s.metrics_address[:80]!r} is not an IP "
+                              "address (e.g. 127.0.0.1 or ::1)") from None
+    if not 0 <= s.metrics_port <= 65535:
+        raise InvalidArgument(f"metrics-port {s.metrics_port}: 0 (off) to 65535")
+    if s.metrics_max_vms < 0:
+        raise InvalidArgument("metrics-max-vms must not be negative")
     if not 0 <= s.streaming_port <= 65535:
         raise InvalidArgument(f"streaming-port {s.streaming_port}: 0 (any free port) to 65535")
     for root in volume_allowed_roots(s):

@@ -15,7 +15,8 @@ Figures are as libvirt gives them, in bytes and nanoseconds:
                      the guest's own view, only when the guest runs a balloon driver that
                      reports (stats period set in the domain's <memballoon>)
   block.N.*          per disk: path, allocation (highest written offset of the image
-                     file), physical (the file's size on the host), capacity (virtual size)
+                     file), physical (the file's size on the host), capacity (virtual size),
+                     rd.bytes and wr.bytes (the guest's reads and writes since QEMU started)
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class BlockStats:
     allocation: int | None
     physical: int | None
     capacity: int | None
+    read_bytes: int | None = None  # since QEMU started
+    write_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,9 @@ def parse(uuid: str, d: Mapping[str, Any]) -> DomainStats:
         BlockStats(name=str(d.get(f"block.{i}.name", "")), path=str(d.get(f"block.{i}.path", "")),
                    allocation=_int(d, f"block.{i}.allocation"),
                    physical=_int(d, f"block.{i}.physical"),
-                   capacity=_int(d, f"block.{i}.capacity"))
+                   capacity=_int(d, f"block.{i}.capacity"),
+                   read_bytes=_int(d, f"block.{i}.rd.bytes"),
+                   write_bytes=_int(d, f"block.{i}.wr.bytes"))
         for i in range(_int(d, "block.count") or 0))
     if not active:  # a stopped domain's CPU and memory figures mean nothing
         return DomainStats(uuid, False, blocks=blocks)

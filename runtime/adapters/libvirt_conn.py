@@ -14,6 +14,7 @@ from typing import Any
 
 import libvirt
 
+from .. import metrics
 from ..errors import FailedPrecondition, NotFound, RuntimeError_, Unavailable
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class LibvirtConnection:
                     pass
                 log.warning("connection to libvirt at %s was lost; reconnecting", self.uri)
                 self._conn = None
+                metrics.LIBVIRT_RECONNECTS.inc()
             try:
                 conn = libvirt.open(self.uri)
             except libvirt.libvirtError as e:

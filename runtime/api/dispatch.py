@@ -30,7 +30,7 @@ import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from .. import errors
+from .. import errors, metrics
 from . import validation
 from .errors import Unimplemented, status_code
 
@@ -120,6 +120,8 @@ def _unary(
             log.exception("%s failed unexpectedly", full, extra={"CRI_METHOD": name})
             code, detail = grpc.StatusCode.INTERNAL, f"internal error in {name}: {e}"
         finally:
+            elapsed = time.monotonic() - started
+            metrics.observe_rpc(name, code.name, elapsed)
             if len(detail) > MAX_DETAIL:
                 detail = detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
             fields = {"CRI_METHOD": name, "CRI_API": api_version, "GRPC_CODE": code.name,
@@ -128,9 +130,8 @@ def _unary(
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNIMPLEMENTED,
                             grpc.StatusCode.NOT_FOUND):
                 level = logging.WARNING
-            log.log(level, "%s %s in %.1f ms%s", full, code.name,
-                    (time.monotonic() - started) * 1000, f": {detail}" if detail else "",
-                    extra=fields)
+            log.log(level, "%s %s in %.1f ms%s", full, code.name, elapsed * 1000,
+                    f": {detail}" if detail else "", extra=fields)
         # abort raises, and grpc keeps that exception in a cycle with this frame until the
         # garbage collector runs: this frame must not keep the (maybe 16 MiB) request.
         request = None
@@ -174,6 +175,7 @@ def _server_stream(
             log.exception("%s failed unexpectedly", full, extra={"CRI_METHOD": name})
             code, detail = grpc.StatusCode.INTERNAL, f"internal error in {name}: {e}"
         finally:
+            metrics.observe_rpc(name, code.name, time.monotonic() - started)
             if len(detail) > MAX_DETAIL:
                 detail = detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
             level = logging.INFO if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED,

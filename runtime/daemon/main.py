@@ -28,7 +28,9 @@ from ..errors import InvalidArgument, StartupError
 from ..service import faults
 from ..service.core import Core
 from ..service.statedir import StateDir
+from ..service.vm_metrics import StateCollector, VmCollector
 from . import sockets, streaming
+from .metrics_http import MetricsServer
 from .notify import Notifier
 from .watchdog import BEAT_INTERVAL, Heartbeat, Watchdog
 
@@ -80,6 +82,19 @@ class Daemon:
         if not port:
             raise StartupError(f"cannot listen on {path}")
 
+    def _metrics(self, core: Core) -> MetricsServer:
+        made = MetricsServer(self.settings.metrics_address, self.settings.metrics_port, [
+            StateCollector(core.pods.sandboxes, core.pods.containers),
+            VmCollector(core.stats.list_sandboxes, self.settings.metrics_max_vms)])
+        try:
+            made.start()
+        except OSError as e:
+            raise StartupError(
+                f"metrics: cannot listen on {self.settings.metrics_address}"
+                f" port {self.settings.metrics_port}: {e.strerror or e}") from e
+        log.info("Prometheus metrics on %s", made.url)
+        return made
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -108,6 +123,7 @@ class Daemon:
         pools = Pools()
         watchdog: Watchdog | None = None
         stream_server: Any = None
+        metrics_server: MetricsServer | None = None
         try:
             try:  # a testing aid, refused unless explicitly enabled (service/faults.py)
                 armed = faults.from_environment(os.environ)
@@ -139,6 +155,8 @@ class Daemon:
             stream_server = servicer.streaming = made
             log.info("streaming server (Exec, Attach, PortForward) on %s",
                      stream_server.base_url)
+            if self.settings.metrics_port:
+                metrics_server = self._metrics(core)
             server.add_generic_rpc_handlers(
                 all_handlers(servicer, ImageServicer(core, pools))
             )
@@ -178,6 +196,8 @@ class Daemon:
         finally:
             if stream_server is not None:  # started, then a later step failed
                 stream_server.stop()
+            if metrics_server is not None:
+                metrics_server.stop()
             if watchdog is not None:
                 watchdog.stop()
             pools.shutdown()

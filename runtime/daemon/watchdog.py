@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from .. import metrics
 from .notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,11 @@ class Watchdog:
                 reason = withhold_reason(self._heartbeat, self._health)
                 if reason is None:
                     self._notifier.watchdog()
-                elif reason != withheld:
-                    log.error("%s; withholding the watchdog ping", reason)
+                    metrics.WATCHDOG_PINGS.inc()
+                else:
+                    metrics.WATCHDOG_WITHHELD.inc()
+                    if reason != withheld:
+                        log.error("%s; withholding the watchdog ping", reason)
                 withheld = reason
             self._notifier.retry()  # a STATUS= the reader had no room for
             if self._stop.wait(tick):

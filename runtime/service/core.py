@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+from .. import metrics
 from ..adapters import cni
 from ..adapters.domain_stats import DomainStatsReader
 from ..adapters.guest_agent import GuestAgent
@@ -83,15 +84,26 @@ class Core:
 
     def pull(self, name: str, cancel: threading.Event) -> ImageRecord:
         started = time.monotonic()
+        counted = 0
 
         def progress(done: int, total: int | None) -> None:
+            nonlocal counted
+            if done > counted:
+                metrics.PULL_BYTES.inc(done - counted)
+                counted = done
             with self._pulls_lock:
                 self._pulls[name] = (done, total, started)
 
+        metrics.PULLS_IN_FLIGHT.inc()
+        outcome = "failed"
         try:
-            return self.images.pull(name, cancel=cancel, progress=progress,
-                                    in_use=self.pods.image_in_use)
+            rec = self.images.pull(name, cancel=cancel, progress=progress,
+                                   in_use=self.pods.image_in_use)
+            outcome = "ok"
+            return rec
         finally:
+            metrics.PULLS_IN_FLIGHT.dec()
+            metrics.PULLS.labels(outcome).inc()
             with self._pulls_lock:
                 self._pulls.pop(name, None)
 

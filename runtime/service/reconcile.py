@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import metrics
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.domain_xml import not_owned
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, OurDomain, domain_name
@@ -118,6 +119,14 @@ class Reconciler:
 
     def reconcile(self) -> None:
         """The first pass: every sandbox the store or libvirt knows of."""
+        try:
+            self._first_pass()
+        except Exception:
+            metrics.RECONCILE_RUNS.labels("failed").inc()
+            raise
+        metrics.RECONCILE_RUNS.labels("partial" if self.pending() else "ok").inc()
+
+    def _first_pass(self) -> None:
         doms = {d.uuid: d for d in self._domains.ours()}  # libvirt unreachable: raises
         found = self._match(doms, self._state.containers())
         for uuid, dom in doms.items():
@@ -162,6 +171,7 @@ class Reconciler:
             return
         for sid in sids:
             self._isolated(sid, functools.partial(self._all_of, sid))
+        metrics.RECONCILE_RUNS.labels("partial" if self.pending() else "ok").inc()
         with self._pending_lock:
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX) if self._pending \
                 else RETRY_FIRST

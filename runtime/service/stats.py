@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from ..adapters.domain_stats import DomainStats
+from ..adapters.domain_stats import BlockStats, DomainStats
 from ..checks import shown
 from ..errors import NotFound
 from .designer import VmFiles
@@ -61,6 +61,7 @@ class VmUsage:
     memory: MemoryUsage | None = None
     root_used_bytes: int | None = None
     interfaces: tuple[InterfaceUsage, ...] = ()
+    disks: tuple[BlockStats, ...] = ()  # as libvirt reported them (the metrics use them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +119,8 @@ def vm_usage(rec: ContainerRecord, d: DomainStats | None, timestamp: int,
     used = None if disk is None else (disk.physical if disk.physical is not None
                                       else disk.allocation)
     return VmUsage(rec, timestamp, cpu_ns=d.cpu_time_ns, memory=memory_usage(d),
-                   root_used_bytes=used, interfaces=interfaces if d.active else ())
+                   root_used_bytes=used, interfaces=interfaces if d.active else (),
+                   disks=d.blocks)
 
 
 def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:

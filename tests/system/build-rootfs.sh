@@ -46,7 +46,7 @@ packages=(
   systemd systemd-sysv dbus openssh-server python3 python3-apt sudo
   # the runtime's dependencies (packaging/deb/debian/control)
   python3-grpcio python3-protobuf python3-libvirt python3-systemd python3-jinja2 python3-yaml
-  python3-pyroute2 python3-websockets libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+  python3-pyroute2 python3-websockets python3-prometheus-client libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
   genisoimage
   containernetworking-plugins dnsmasq-base iproute2
 )
