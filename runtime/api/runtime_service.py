@@ -152,8 +152,12 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingR
         c = self.core.pods.container(request.container_id)
         # What the VM has now, from libvirt (the kubelet resizes until it sees its limits)
         resources = await self.pools.run(Kind.LIBVIRT, self.core.pods.resize.resources, c)
+        info = {}
+        if request.verbose:  # the node CLI's `pods` and `console` read it
+            vm = await self.pools.run(Kind.QUICK, self.core.vm_info, c.id)
+            info["info"] = json.dumps(vm, sort_keys=True)
         return call.pb.ContainerStatusResponse(
-            status=convert.container_status(call, c, resources))
+            status=convert.container_status(call, c, resources), info=info)
 
     async def ReopenContainerLog(self, request: Any, call: Call) -> Any:
         self.core.pods.reopen_log(request.container_id)

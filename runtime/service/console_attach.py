@@ -58,7 +58,8 @@ class _Attacher:
     """One attacher's output buffer: filled on libvirt's event thread, drained by the
     attacher's own thread."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, writes: bool = False) -> None:
+        self.writes = writes  # it has stdin (a writer: the node CLI's console counts them)
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
         self._limit = limit
@@ -142,11 +143,20 @@ class ConsoleAttach:
         with self._lock:
             return {cid: len(h.attachers) for cid, h in self._hubs.items()}
 
+    def writers(self, cid: str) -> int:
+        """Attachers of this container's console that have stdin."""
+        with self._lock:
+            hub = self._hubs.get(cid)
+        if hub is None:
+            return 0
+        with hub.lock:
+            return sum(a.writes for a in hub.attachers)
+
     def attach(self, cid: str, io: StreamIO) -> None:
         self.check(cid)
         rec = self._state.container(cid)
         assert rec is not None
-        att = _Attacher(self._limit)
+        att = _Attacher(self._limit, writes=io.stdin is not None and rec.stdin is not False)
         hub = self._join(cid, rec.sandbox_id, att)
         io.on_resize(lambda w, h: None)  # a serial console has no size to set
         stop = threading.Event()

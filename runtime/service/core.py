@@ -7,15 +7,16 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import metrics
-from ..adapters import cni
+from ..adapters import cni, host_facts
 from ..adapters.domain_stats import DomainStatsReader
 from ..adapters.guest_agent import GuestAgent
 from ..adapters.image_translations import ImageTranslator
 from ..adapters.libvirt_conn import LibvirtConnection
 from ..adapters.libvirt_console import Consoles
-from ..adapters.libvirt_domains import Domains
+from ..adapters.libvirt_domains import Domains, domain_name
 from ..adapters.pull_watch import PullLimits
 from ..adapters.templates import default_template_dirs
 from ..config import Settings, denied_networks
@@ -132,6 +133,14 @@ class Core:
         if pulls:
             parts.append(pulls)
         return "; ".join(parts)
+
+    def vm_info(self, cid: str) -> dict[str, Any]:
+        """ContainerStatus' verbose info: what the node CLI shows beyond the CRI fields."""
+        rec = self.pods.container(cid)
+        return {"domain": domain_name(rec.id), "vcpus": rec.vcpus, "memoryMiB": rec.memory_mib,
+                "qemuPid": host_facts.qemu_pid(self.settings.libvirt_uri, rec.id),
+                "consoleWriters": self.streams.console.writers(rec.id),
+                "consoleAttachers": self.streams.console.sessions().get(rec.id, 0)}
 
     def close(self) -> None:
         self.streams.console.close()

@@ -1,13 +1,15 @@
-"""The `arktos-vm-runtime` command: serve, version, check."""
+"""The `arktos-vm-runtime` command: serve, version, check, and the node commands (pods,
+images, console, diagnose: cli/node.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import __version__
-from .config import DEFAULT_SOCKET, build
-from .errors import InvalidArgument, StartupError
+from .. import __version__
+from ..config import DEFAULT_SOCKET, build
+from ..errors import InvalidArgument, StartupError
+from . import node
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
@@ -86,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check", help="call Version on a running daemon's socket")
     check.add_argument("--listen", metavar="PATH", default=DEFAULT_SOCKET)
     check.add_argument("--api", choices=["v1alpha2", "v1"], default="v1alpha2")
+    node.add_commands(sub)
     args = parser.parse_args(argv)
+
+    if args.command in node.COMMANDS:
+        return node.run(args)
 
     if args.command == "version":
         print(f"arktos-vm-runtime {__version__}")
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         import grpc
 
-        from .daemon.main import call_version
+        from ..daemon.main import call_version
         try:
             print(call_version(args.listen, api=args.api))
         except grpc.RpcError as e:
@@ -103,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    from .daemon import logs
-    from .daemon.main import serve
+    from ..daemon import logs
+    from ..daemon.main import serve
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     try:
