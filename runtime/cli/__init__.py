@@ -79,7 +79,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (the bash completion is checked against it)."""
     parser = argparse.ArgumentParser(prog="arktos-vm-runtime",
                                      description="CRI runtime that runs pods as libvirt VMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--listen", metavar="PATH", default=DEFAULT_SOCKET)
     check.add_argument("--api", choices=["v1alpha2", "v1"], default="v1alpha2")
     node.add_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command in node.COMMANDS:
         return node.run(args)
