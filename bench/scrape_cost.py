@@ -1,0 +1,139 @@
+"""The cost of one Prometheus scrape of the runtime at N running VM pods (the minimal
+busybox guest, 64 MiB each): wall time of GET /metrics over loopback, the daemon's CPU
+time per scrape (from /proc, all its threads), the page's size and series, next to the
+one libvirt call it makes (getAllDomainStats, in-process) as the baseline.
+
+    .venv/bin/python -m bench.scrape_cost [--pods 10] [--scrapes 50]
+
+Hold the integration lock (flock /tmp/avr-integration.lock ...) when others share the
+machine. Prints min/median/p90 in milliseconds and writes
+bench/results/scrape_cost-N.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import libvirt
+from prometheus_client.parser import text_string_to_metric_families
+
+from arktos_vm_runtime.adapters.domain_stats import FLAGS, STATS
+from bench.stats_cost import cleanup, row, timed
+from tests.daemon_proc import APIS, Daemon
+from tests.guest.images import minimal_guest
+from tests.integration.test_network_common import PLUGINS, cni_test_network
+from tests.integration.vmpods import container_config, image_server, log_text, sandbox_config
+
+MARKER = "MINIMAL-GUEST-UP"
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_pods(d: Daemon, image: str, n: int, sids: list[str], memory_mib: int) -> None:
+    pb, _ = APIS["v1alpha2"]
+    rt = d.runtime("v1alpha2")
+    logs = []
+    for i in range(n):
+        log_dir = d.pod_logs / f"pod{i}"
+        cfg = sandbox_config(pb, log_dir, name=f"scrape-{i}")
+        sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=120).pod_sandbox_id
+        sids.append(sid)
+        cid = rt.CreateContainer(pb.CreateContainerRequest(
+            pod_sandbox_id=sid, sandbox_config=cfg,
+            config=container_config(pb, image, memory_mib=memory_mib)),
+            timeout=120).container_id
+        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
+        logs.append(log_dir / "vm" / "0.log")
+    deadline = time.monotonic() + 300 + 10 * n
+    while not all(MARKER in log_text(p) for p in logs):
+        if time.monotonic() > deadline:
+            raise SystemExit("the guests did not come up in time")
+        time.sleep(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pods", type=int, default=10)
+    ap.add_argument("--scrapes", type=int, default=50)
+    ap.add_argument("--memory-mib", type=int, default=64)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="avr-bench-", dir="/tmp"))
+    tmp.chmod(0o711)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/metrics"
+    rows: list[dict[str, float | str]] = []
+    extra: dict[str, float] = {}
+    problems: list[str] = ["the daemon did not start"]
+    try:
+        (tmp / "img").mkdir()
+        (tmp / "img" / "guest.qcow2").symlink_to(minimal_guest().disk)
+        with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host, \
+                cni_test_network() as net:
+            d = Daemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir, notify=False,
+                       args=["--disable-kvm", "--image-download-protocol", "http",
+                             "--cni-bin-dir", str(PLUGINS), "--metrics-port", str(port),
+                             "--max-pods", str(max(args.pods, 110))]).start()
+            problems = []
+            sids: list[str] = []
+            try:
+                image = f"{host}/guest.qcow2"
+                a2, _ = APIS["v1alpha2"]
+                d.images("v1alpha2").PullImage(a2.PullImageRequest(
+                    image=a2.ImageSpec(image=image)), timeout=600)
+                start_pods(d, image, args.pods, sids, args.memory_mib)
+
+                def scrape() -> bytes:
+                    with urllib.request.urlopen(url, timeout=60) as r:
+                        return bytes(r.read())
+
+                page = scrape().decode()
+                series = sum(len(f.samples) for f in text_string_to_metric_families(page))
+                vms = {s.labels["container_id"] for f in text_string_to_metric_families(page)
+                       if f.name == "arktos_vm_up" for s in f.samples}
+                assert len(vms) == args.pods, (len(vms), args.pods)
+                print(f"scrape cost, {args.pods} running minimal-guest VM pods "
+                      f"({args.memory_mib} MiB), {args.scrapes} scrapes (TCG, 2 cores shared): "
+                      f"page {len(page)} bytes, {series} series", flush=True)
+                pid = d.proc.pid
+                cpu0 = cpu_seconds(pid)
+                rows.append(row(f"GET /metrics, {args.pods} pods", timed(scrape, args.scrapes)))
+                cpu = (cpu_seconds(pid) - cpu0) / (args.scrapes + 3) * 1000
+                print(f"  daemon CPU per scrape (all threads, /proc)            {cpu:7.2f} ms",
+                      flush=True)
+                conn = libvirt.open("qemu:///system")
+                try:
+                    rows.append(row("baseline: libvirt getAllDomainStats (one call)", timed(
+                        lambda: conn.getAllDomainStats(STATS, FLAGS), args.scrapes)))
+                finally:
+                    conn.close()
+                extra = {"page_bytes": len(page), "series": series,
+                         "daemon_cpu_ms_per_scrape": round(cpu, 3)}
+            finally:
+                problems = cleanup(d, sids)
+    finally:
+        if problems:
+            print(f"cleanup problems (kept {tmp}): {problems}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"scrape_cost-{args.pods}.json").write_text(json.dumps(
+        {"pods": args.pods, "scrapes": args.scrapes, "memory_mib": args.memory_mib,
+         "rows": rows, **extra}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
