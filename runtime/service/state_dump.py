@@ -25,18 +25,28 @@ SECRET_KEY = re.compile(r"user.?data|ssh|passw|secret|token|private|cert|credent
                         r"(^|[^a-z])env|cloud.?init|vendor.?data", re.I)
 SECRET_TEXT = re.compile(r"#cloud-config|-----BEGIN [A-Z ]*(KEY|CERTIFICATE)|"
                          r"\bssh-(rsa|ed25519|dss)\b|\becdsa-sha2-", re.I)
-MIN_SCRUB = 4  # shorter values are not searched for elsewhere (they would hit anything)
+MIN_SCRUB = 6  # shorter values are not searched for elsewhere (they would hit anything)
 
 
 class Redactor:
     def __init__(self) -> None:
         self.secrets: set[str] = set()
 
+    def _remember(self, value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                self._remember(v)
+        elif isinstance(value, list):
+            for v in value:
+                self._remember(v)
+        elif isinstance(value, str):
+            for candidate in {value, *value.splitlines()}:
+                if len(candidate.strip()) >= MIN_SCRUB:
+                    self.secrets.add(candidate.strip())
+
     def _hide(self, value: Any) -> str:
+        self._remember(value)  # every string inside, to scrub from the other parts
         text = value if isinstance(value, str) else json.dumps(value)
-        for candidate in {text, *text.splitlines()}:
-            if len(candidate.strip()) >= MIN_SCRUB:
-                self.secrets.add(candidate.strip())
         return f"<redacted {len(text)} chars>"
 
     def value(self, v: Any, key: str = "") -> Any:

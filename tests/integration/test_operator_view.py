@@ -13,6 +13,8 @@ import os
 import pty
 import secrets
 import select
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -312,3 +314,43 @@ def test_diagnose_bundle_has_every_part_and_no_secret(pod: Pod) -> None:
     for secret in (SECRET, SSH_SECRET, ENV_SECRET):
         assert secret.encode() not in blob, secret
     assert "<redacted" in members["state.json"].decode()
+
+
+def test_socket_activated_daemon_serves_metrics(short_tmp: Path) -> None:
+    """Under systemd-socket-activate (the CRI socket inherited), the endpoint comes up with
+    the daemon and counts the call that started it (test:///default: no VM needed)."""
+    activate = shutil.which("systemd-socket-activate")
+    assert activate, "systemd-socket-activate (package systemd) is needed for this test"
+    run = short_tmp / "run"
+    run.mkdir(mode=0o755)
+    sock = str(run / "virtlet.sock")
+    port = free_port()
+    log = open(short_tmp / "daemon.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [activate, "-l", sock, "-E", "PYTHONPATH=" + os.environ.get("PYTHONPATH", ""),
+         sys.executable, "-m", "arktos_vm_runtime", "serve", "--listen", sock,
+         "--state-dir", str(short_tmp / "state"), "--libvirt-uri", "test:///default",
+         "--metrics-port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for("systemd-socket-activate's socket", lambda: os.path.exists(sock), 10, 0.05)
+        with pytest.raises(OSError):  # nothing runs before the first connection
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        r = subprocess.run([*CLI, "check", "--listen", sock], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        page = wait_for("the metrics endpoint", lambda: _try_scrape(port), 20)
+        assert find(page, "arktos_vm_runtime_rpc_duration_seconds_count", method="Version",
+                    code="OK") == 1
+        assert find(page, "arktos_vm_runtime_pods", state="SANDBOX_READY") == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        log.close()
+    assert rc == 0, (short_tmp / "daemon.log").read_text()
+
+
+def _try_scrape(port: int) -> dict[Any, float] | None:
+    try:
+        return scrape(f"http://127.0.0.1:{port}/metrics")
+    except OSError:
+        return None
