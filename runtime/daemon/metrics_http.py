@@ -1,5 +1,7 @@
 """The Prometheus endpoint: GET /metrics on --metrics-address:--metrics-port (off unless a
-port is set; loopback by default), served from threads of its own, never the gRPC loop.
+port is set; loopback by default), served from threads of its own, never the gRPC loop:
+at most MAX_SCRAPES at once (more get 503), a connection that sends no request within
+REQUEST_TIMEOUT is dropped, any other path is 404.
 
 The daemon registers the scrape-time collectors (service/vm_metrics.py) on the shared
 registry (metrics.REGISTRY) while the endpoint runs and removes them when it stops. The
@@ -23,6 +25,9 @@ from .. import metrics
 
 log = logging.getLogger(__name__)
 
+MAX_SCRAPES = 4  # scrapes served at once (each reads libvirt); more get 503
+REQUEST_TIMEOUT = 10.0  # seconds a connection may take to send its request
+
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
@@ -33,16 +38,27 @@ class _Server6(_Server):
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT  # a client that sends no request is dropped
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics: " + format, *args)
 
 
 def _only_metrics(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    busy = threading.BoundedSemaphore(MAX_SCRAPES)
+
     def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") not in ("/metrics", "/metrics/"):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"only /metrics is served here\n"]
-        return app(environ, start_response)
+        if not busy.acquire(blocking=False):
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain"),
+                                                       ("Retry-After", "1")])
+            return [b"too many scrapes at once\n"]
+        try:
+            return list(app(environ, start_response))
+        finally:
+            busy.release()
 
     return serve
 

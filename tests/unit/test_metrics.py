@@ -175,3 +175,48 @@ def test_rpc_hook_counts_calls_by_method_and_code(tmp_path: Any) -> None:
 def test_settings_checked(bad: dict[str, Any]) -> None:
     with pytest.raises(InvalidArgument, match="metrics"):
         validate(Settings(**bad))
+
+
+def test_concurrent_scrapes_are_bounded() -> None:
+    import threading
+
+    from arktos_vm_runtime.daemon import metrics_http
+
+    gate = threading.Event()
+    entered = threading.Semaphore(0)
+
+    class Slow:
+        def describe(self) -> list[Any]:
+            return []
+
+        def collect(self) -> Any:
+            entered.release()
+            gate.wait(10)
+            return iter(())
+
+    server = MetricsServer("127.0.0.1", 0, [Slow()])
+    server.start()
+    results: list[int] = []
+
+    def get() -> None:
+        try:
+            with urllib.request.urlopen(server.url, timeout=20) as r:
+                results.append(r.status)
+        except urllib.error.HTTPError as e:
+            results.append(e.code)
+
+    try:
+        held = [threading.Thread(target=get) for _ in range(metrics_http.MAX_SCRAPES)]
+        for t in held:
+            t.start()
+        for _ in held:
+            assert entered.acquire(timeout=10)
+        get()  # one more while all are busy
+        assert results == [503]
+        gate.set()
+        for t in held:
+            t.join(10)
+        assert sorted(results) == [200] * metrics_http.MAX_SCRAPES + [503]
+    finally:
+        gate.set()
+        server.stop()
