@@ -59,7 +59,9 @@ def start_pods(d: Daemon, image: str, n: int, sids: list[str], memory_mib: int) 
     deadline = time.monotonic() + 300 + 10 * n
     while not all(MARKER in log_text(p) for p in logs):
         if time.monotonic() > deadline:
-            raise SystemExit("the guests did not come up in time")
+            late = [p for p in logs if MARKER not in log_text(p)]
+            raise SystemExit(f"{len(late)} of {n} guests did not come up in time; the first's "
+                             f"console: {log_text(late[0])[-1500:]!r}")
         time.sleep(1)
 
 

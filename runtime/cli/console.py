@@ -18,6 +18,7 @@ import contextlib
 import os
 import sys
 import termios
+import threading
 import tty
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -72,14 +73,8 @@ async def session(url: str, fd: int, out: BinaryIO, is_tty: bool, linger: float)
         if not ended.done():
             ended.set_result(reason)
 
-    def on_input() -> None:
-        try:
-            data = os.read(fd, 4096)
-        except OSError as e:
-            data = b""
-            finish(f"reading stdin: {e.strerror}")
+    def on_input(data: bytes) -> None:  # on the loop, for what the reader thread read
         if not data:
-            loop.remove_reader(fd)
             loop.call_later(linger, finish, "")
             return
         if ESCAPE in data:
@@ -115,7 +110,19 @@ async def session(url: str, fd: int, out: BinaryIO, is_tty: bool, linger: float)
                 finish(f"connection lost: {e}")
             finish("the console stream ended (the VM stopped?)")
 
-        loop.add_reader(fd, on_input)
+        def read_stdin() -> None:  # a thread: stdin may be a file or /dev/null (no epoll)
+            while not ended.done():
+                try:
+                    data = os.read(fd, 4096)
+                except OSError as e:
+                    loop.call_soon_threadsafe(finish, f"reading stdin: {e.strerror}")
+                    return
+                with contextlib.suppress(RuntimeError):  # the loop closed: we are done
+                    loop.call_soon_threadsafe(on_input, data)
+                if not data:
+                    return
+
+        threading.Thread(target=read_stdin, name="console-stdin", daemon=True).start()
         tasks = [asyncio.create_task(send()), asyncio.create_task(receive())]
         try:
             reason = await ended
@@ -123,8 +130,6 @@ async def session(url: str, fd: int, out: BinaryIO, is_tty: bool, linger: float)
                 await asyncio.sleep(0.05)
             return reason
         finally:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(fd)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
