@@ -208,24 +208,6 @@ def test_the_log_does_not_depend_on_attachers(guest: Guest) -> None:
     assert stuck.error is None and a.error is None, (stuck.error, a.error)
 
 
-# The pod's namespace holds no address in the VM's subnet (the guest owns the pod IP; the
-# bridge carries only the DHCP server's link-local /32), and the guest has no route back to
-# that link-local address: a connection from inside the namespace is refused by routing
-# (ENETUNREACH) today. It needs the guest to get an on-link route to the server address
-# (DHCP option 121 / the seed's routes) and the namespace a /32 route to the VM: a change to
-# the pod network contract, not made here. Strict: this fails loudly once it works.
-UNROUTED = pytest.mark.xfail(strict=True, raises=Unavailable,
-                             reason="no route between the pod namespace and the guest yet")
-
-
-def test_port_connect_reports_why_the_vm_is_unreachable(guest: Guest) -> None:
-    with pytest.raises(Unavailable) as e:
-        guest.ports.port_connect(guest.sid, 80, 10)
-    assert "port 80 of" in e.value.message and guest.sid in e.value.message
-    assert "unreachable" in e.value.message.lower() or "refused" in e.value.message
-
-
-@UNROUTED
 def test_port_connect_fetches_the_guest_page_and_echoes(guest: Guest) -> None:
     with guest.ports.port_connect(guest.sid, 80, 10) as s:
         s.sendall(b"GET /index.html HTTP/1.0\r\nHost: guest\r\n\r\n")
@@ -246,7 +228,6 @@ def test_port_connect_fetches_the_guest_page_and_echoes(guest: Guest) -> None:
     assert got == b"through the pod namespace\n"
 
 
-@UNROUTED
 def test_port_connect_to_a_closed_port_is_refused(guest: Guest) -> None:
     try:
         guest.ports.port_connect(guest.sid, 81, 10).close()
