@@ -38,7 +38,7 @@ from tests.integration.test_network_common import (
     netns_names,
     sh,
 )
-from tests.integration.vmpods import require_libvirtd, wait_for
+from tests.integration.vmpods import echo_line, require_libvirtd, wait_for
 
 pytestmark = pytest.mark.integration
 URI = "qemu:///system"
@@ -96,14 +96,7 @@ def rtt_ms(ping_output: str) -> float:
 def echo_from_pod_namespace(sid: str, ip: str) -> bytes:
     """A line through the guest's TCP echo (port 7), connected as PortForward does."""
     with pod_socket.connect(f"avr-{sid}", ip, 7, 10) as s:
-        s.settimeout(20)
-        s.sendall(b"port-forward path\n")
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = s.recv(100)
-            assert chunk, got
-            got += chunk
-    return got
+        return echo_line(s, b"port-forward path\n")
 
 
 def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> None:

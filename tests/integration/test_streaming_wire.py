@@ -22,13 +22,9 @@ import pytest
 
 from tests.daemon_proc import APIS, Daemon
 from tests.go_client import spdyclient
-from tests.integration.test_network_common import cni_test_network
-from tests.integration.vm_ops_common import code_of, module_tmp
+from tests.integration.vm_ops_common import code_of, vm_pod
 from tests.integration.vmpods import (
-    container_config,
     log_text,
-    sandbox_config,
-    vm_runtime,
     wait_for,
 )
 from tests.spdy_client import SpdyClient, exec_streams, http_request
@@ -50,30 +46,9 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(served_minimal_image: str) -> Iterator[Guest]:
-    with module_tmp() as tmp, cni_test_network() as net:
-        d = vm_runtime(tmp, net).start()
-        pb, _ = APIS["v1"]
-        rt = d.runtime("v1")
-        sid = ""
-        try:
-            d.images("v1").PullImage(
-                pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)), timeout=60)
-            cfg = sandbox_config(pb, tmp / "pods", name="wire")
-            sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                   timeout=60).pod_sandbox_id
-            ccfg = container_config(pb, served_minimal_image)
-            ccfg.tty = ccfg.stdin = True  # as the Arktos kubelet sets them on VM containers
-            cid = rt.CreateContainer(pb.CreateContainerRequest(
-                pod_sandbox_id=sid, config=ccfg, sandbox_config=cfg), timeout=60).container_id
-            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-            log = tmp / "pods" / "vm" / "0.log"
-            wait_for("the guest's marker", lambda: MARKER in log_text(log), BOOT_TIMEOUT)
-            yield Guest(d, sid, cid, log)
-        finally:
-            if sid:
-                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
-                                    timeout=60)
-            d.stop()
+    # tty and stdin on the VM container, as the Arktos kubelet sets them
+    with vm_pod(served_minimal_image, name="wire", api="v1", ready_timeout=BOOT_TIMEOUT) as p:
+        yield Guest(p.d, p.sid, p.cid, p.log)
 
 
 def attach_url(g: Guest, api: str) -> str:
