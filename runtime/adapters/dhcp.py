@@ -2,7 +2,9 @@
 
 The guest's address comes from CNI; dnsmasq only repeats it: each VM NIC gets a
 `dhcp-host` (its MAC to its CNI address, infinite lease, so no renewal ever has to reach
-the server), with the router, classless routes, DNS and MTU the CNI interface had. The
+the server), with the router, classless routes, DNS and MTU the CNI interface had, and
+for the primary NIC an on-link route back to the bridge's address (PortForward connects
+from it). The
 bridge of each NIC carries one link-local /32 (`SERVER_ADDRESS`), the only address in the
 namespace: dnsmasq needs an address to answer from, and `shared-network` lets it hand out
 the pod's subnet on a bridge that has no address in it. DNS is off (port=0), nothing is
@@ -51,6 +53,7 @@ class DhcpHost:
     address: str  # IPv4 CIDR
     gateway: str = ""
     routes: tuple[tuple[str, str], ...] = ()  # IPv4 (dst CIDR, via)
+    link_routes: tuple[str, ...] = ()  # IPv4 CIDRs on-link (router 0.0.0.0 in option 121)
     dns_servers: tuple[str, ...] = ()
     dns_search: tuple[str, ...] = ()
     mtu: int | None = None
@@ -83,7 +86,8 @@ def render_conf(hosts: Sequence[DhcpHost], netdir: Path) -> str:
             f"shared-network={h.bridge},{net.network_address}",
             f"dhcp-host={h.mac},set:{h.tag},{iface.ip},infinite",
         ]
-        classless = [(d, v) for d, v in h.routes if v]
+        classless = [(d, "0.0.0.0") for d in h.link_routes]
+        classless += [(d, v) for d, v in h.routes if v]
         if classless:
             # RFC 3442: a client given option 121 ignores option 3, so the default goes in too
             if h.gateway:

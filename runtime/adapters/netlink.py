@@ -254,6 +254,16 @@ class Netlink:
                    address=str(iface.ip), prefixlen=iface.network.prefixlen,
                    flags=IFA_F_NODAD if nodad else 0)
 
+    def replace_host_route(self, name: str, address: str, source: str) -> None:
+        """A /32 (or /128) route to `address` on-link through the link, answered from
+        `source`: idempotent (replace)."""
+        ip = ipaddress.ip_address(address)
+        index = self.index(name)
+        self._call(f"adding a route to {ip} through", name, self._ipr.route, "replace",
+                   dst=f"{ip}/{ip.max_prefixlen}", oif=index, prefsrc=source,
+                   scope=SCOPE_LINK, family=socket.AF_INET if ip.version == 4
+                   else socket.AF_INET6)
+
     def flush_addresses(self, name: str) -> None:
         """Removes every address of the link (deleting a primary IPv4 address can take its
         secondaries with it: one gone already is fine)."""

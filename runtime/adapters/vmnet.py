@@ -156,8 +156,33 @@ def wire(ns: str, ifname: str, sandbox_id: str, slot: int, server_address: str) 
         nl.set(ifname, master=br, up=True)
         nl.add_address(br, f"{server_address}/32")
         nl.set(br, up=True)
+        _route_to_guest(nl, port, server_address)
     make_tap(port)
     return port
+
+
+def _route_to_guest(nl: netlink.Netlink, port: Port, server_address: str) -> None:
+    """On-link /32 routes to the guest's IPv4 addresses through the bridge, from the
+    server's link-local address: PortForward connects to the guest from the namespace,
+    and the guest answers through its on-link route to that address (`guest_return_route`)."""
+    for cidr in port.ipv4:
+        nl.replace_host_route(port.bridge, cidr.split("/")[0], server_address)
+
+
+def ensure_routes_to_guest(ns: str, ports: Sequence[Port], server_address: str) -> None:
+    """`wire`'s routes again, for pods wired before they existed (restore after upgrade)."""
+    with _session(ns) as nl:
+        if nl is None:
+            return
+        for port in ports:
+            if nl.link(port.bridge) is not None:
+                _route_to_guest(nl, port, server_address)
+
+
+def guest_return_route(server_address: str) -> str:
+    """The route the primary NIC's guest needs back to the namespace (DHCP option 121
+    and the seed's network-config give it): the server's address, on-link."""
+    return f"{server_address}/32"
 
 
 def make_tap(port: Port) -> None:

@@ -28,6 +28,8 @@ class NetInterface:
     gateways: tuple[str, ...] = ()
     #: extra routes as (destination CIDR, via)
     routes: tuple[tuple[str, str], ...] = ()
+    #: destinations on the link itself, no gateway (the route back to PortForward's source)
+    link_routes: tuple[str, ...] = ()
     mtu: int | None = None
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class NetInterface:
             for dest, via in self.routes:
                 ipaddress.ip_network(dest, strict=False)
                 ipaddress.ip_address(via)
+            for dest in self.link_routes:
+                ipaddress.ip_network(dest, strict=False)
         except ValueError as exc:
             raise InvalidArgument(f"network: interface {self.mac}: {exc}") from None
         if self.mtu is not None and not 68 <= self.mtu <= 65535:

@@ -301,6 +301,7 @@ class PodNetworks:
                 failed = failed or e
         st = self._records.current(sandbox_id)
         vmnet.move_opened_taps(st.netns, st.ports())
+        vmnet.ensure_routes_to_guest(st.netns, st.ports(), st.server_address)
         if not dhcp.running(self._wiring.artefacts(sandbox_id)):
             self._wiring.restart_dhcp(st)
         if failed is not None:

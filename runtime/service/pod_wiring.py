@@ -84,10 +84,19 @@ class PodWiring:
                            if ipaddress.ip_network(d, strict=False).version == 4)
             hosts.append(dhcp.DhcpHost(
                 tag=f"p{port.slot}", bridge=port.bridge, mac=port.guest_mac, address=v4[0],
-                gateway=gw, routes=routes,
+                gateway=gw, routes=routes, link_routes=self._return_route(st, port),
                 dns_servers=tuple(s for s in dns_servers if ipaddress.ip_address(s).version == 4),
                 dns_search=dns_search, mtu=port.mtu))
         return hosts
+
+    @staticmethod
+    def _return_route(st: PodState, port: vmnet.Port) -> tuple[str, ...]:
+        """The primary NIC's on-link route back to the namespace's address (the pod IP is
+        its first IPv4 address): PortForward's connections come from there."""
+        ports = st.ports()
+        if not ports or port != ports[0] or not port.ipv4:
+            return ()
+        return (vmnet.guest_return_route(st.server_address),)
 
     @staticmethod
     def dns(st: PodState) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -117,6 +126,7 @@ class PodWiring:
             ifaces.append(NetInterface(mac=port.guest_mac, name=port.ifname,
                                        addresses=port.addresses, gateways=gateways,
                                        routes=port.routes,
+                                       link_routes=self._return_route(st, port),
                                        mtu=port.mtu if port.mtu != 1500 else None))
         servers, search = self.dns(st)
         ip, ips = pod_ips(st)

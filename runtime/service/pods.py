@@ -23,8 +23,9 @@ from ..checks import check_hostname, check_id, is_hostname, shown
 from ..config import Settings
 from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from . import faults
-from .containers import ContainerInput, Containers, now_ns
-from .events import EventHub
+from .container_create import ContainerInput
+from .containers import Containers
+from .events import EventHub, now_ns
 from .images import ImageStore
 from .network_state import NicStatus
 from .nic_spec import ANN_CNI_ARGS, ANN_NICS, ANN_VPC, NicInfo

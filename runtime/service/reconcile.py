@@ -30,7 +30,8 @@ from .. import metrics
 from ..adapters.console_log import ConsoleLogs
 from ..adapters.domain_xml import not_owned
 from ..adapters.libvirt_domains import STOP_REASONS, Domains, OurDomain, domain_name
-from .containers import Containers, now_ns
+from .containers import Containers
+from .events import now_ns
 from .pod_network import PodNetworks
 from .podstate import PodState
 from .records import CREATED, CREATING, EXITED, RUNNING, ContainerRecord

@@ -100,6 +100,10 @@ def _default_route(gateway: str) -> str:
     return "0.0.0.0/0" if ipaddress.ip_address(gateway).version == 4 else "::/0"
 
 
+def _on_link(dest: str) -> str:
+    return "0.0.0.0" if ipaddress.ip_network(dest, strict=False).version == 4 else "::"
+
+
 def netplan_context(network: NetworkInfo, force_dhcp: bool) -> dict[str, Any]:
     """The context of network-config.j2: each NIC with its routes, default routes first."""
     interfaces = [
@@ -109,7 +113,10 @@ def netplan_context(network: NetworkInfo, force_dhcp: bool) -> dict[str, Any]:
             "mtu": iface.mtu,
             "addresses": list(iface.addresses),
             "routes": [{"to": _default_route(gw), "via": gw} for gw in iface.gateways]
-            + [{"to": dest, "via": via} for dest, via in iface.routes],
+            + [{"to": dest, "via": via} for dest, via in iface.routes]
+            # on-link as "via 0.0.0.0": cloud-init's ENI renderer fails on a route
+            # without a gateway; networkd and net-tools take 0.0.0.0 as on-link
+            + [{"to": dest, "via": _on_link(dest)} for dest in iface.link_routes],
         }
         for index, iface in enumerate(network.interfaces)
     ]
@@ -129,7 +136,7 @@ def _openstack_routes(iface: NetInterface, version: int) -> list[dict[str, str]]
         for gw in iface.gateways
         if ipaddress.ip_address(gw).version == version
     ]
-    for dest, via in iface.routes:
+    for dest, via in [*iface.routes, *((d, _on_link(d)) for d in iface.link_routes)]:
         net = ipaddress.ip_network(dest, strict=False)
         if net.version == version:
             routes.append(

@@ -37,8 +37,9 @@ from ..errors import (
     NotFound,
     RuntimeError_,
 )
-from .containers import Containers, now_ns
+from .containers import Containers
 from .designer import VmFiles
+from .events import now_ns
 from .podstate import PodState
 from .records import CREATING, ContainerRecord
 from .store import Store

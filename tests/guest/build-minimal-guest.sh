@@ -117,7 +117,22 @@ case $1 in
 bound|renew)
     ip addr flush dev "$interface"
     ip addr add "$ip/${mask:-24}" dev "$interface"
-    for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+    if [ -n "$staticroutes" ]; then
+        # option 121 ("DST/LEN GW ..."): it replaces the router option (RFC 3442);
+        # gateway 0.0.0.0 means on the link (the route back to PortForward's source)
+        # shellcheck disable=SC2086
+        set -- $staticroutes
+        while [ $# -ge 2 ]; do
+            if [ "$2" = 0.0.0.0 ]; then
+                ip route add "$1" dev "$interface"
+            else
+                ip route add "$1" via "$2" dev "$interface"
+            fi
+            shift 2
+        done
+    else
+        for r in $router; do ip route add default via "$r" dev "$interface"; break; done
+    fi
     ;;
 esac
 EOF

@@ -50,7 +50,7 @@ param() { # value of NAME=... on the kernel command line
 }
 
 ip4='([0-9]{1,3}\.){3}[0-9]{1,3}'
-seed_net() { # prints "ADDR/PREFIX GW" or "dhcp" from a NoCloud seed, if one is attached
+seed_net() { # prints "ADDR/PREFIX GW|- [ON-LINK...]" or "dhcp" from a NoCloud seed, if any
     for dev in /dev/sr0 /dev/sr1 /dev/vd? /dev/sd?; do
         [ -b "$dev" ] || continue
         mount -t iso9660 -o ro "$dev" /seed 2>/dev/null || continue
@@ -68,8 +68,13 @@ seed_net() { # prints "ADDR/PREFIX GW" or "dhcp" from a NoCloud seed, if one is 
                         m=$(sed -nE "s/^[[:space:]-]*netmask:[[:space:]]*($ip4).*/\1/p" "$nc" | head -n1)
                         [ -n "$a" ] && [ -n "$m" ] && a="$a/$(ipcalc -p "$a" "$m" | cut -d= -f2)"
                     fi
-                    g=$(grep -E '(gateway4?|via):' "$nc" | grep -oE "$ip4" | head -n1)
-                    [ -n "$a" ] && echo "$a $g"
+                    g=$(grep -E '(gateway4?|via):' "$nc" | grep -oE "$ip4" |
+                        grep -v '^0\.0\.0\.0$' | head -n1)
+                    # routes "via: 0.0.0.0" are on-link (the way back to PortForward)
+                    l=$(awk '$1 == "-" && $2 == "to:" { to = $3 }
+                             $1 == "via:" && $2 == "0.0.0.0" { print to }' "$nc" | tr -d "\"'")
+                    # shellcheck disable=SC2086  # one word per route
+                    [ -n "$a" ] && echo "$a ${g:--}" $l
                 fi
             fi
             umount /seed
@@ -90,13 +95,16 @@ if [ -n "$net" ]; then
     set -- $net
     ip link set eth0 up
     if [ "$1" = dhcp ]; then
-        # -q: exit once leased; -n: do not fail the boot without a DHCP server.
-        udhcpc -i eth0 -q -n -t 5 -s /etc/udhcpc.script >/dev/null 2>&1
+        # -q: exit once leased; -n: do not fail the boot without a DHCP server;
+        # -O staticroutes: ask for option 121 (udhcpc does not by default).
+        udhcpc -i eth0 -q -n -t 5 -O staticroutes -s /etc/udhcpc.script >/dev/null 2>&1
         say "MINIMAL-GUEST-NET eth0 $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
     else
         ip addr add "$1" dev eth0
-        [ -n "$2" ] && ip route add default via "$2"
-        say "MINIMAL-GUEST-NET eth0 $1"
+        [ "${2:--}" != - ] && ip route add default via "$2"
+        if [ $# -ge 2 ]; then shift 2; else shift $#; fi
+        for r in "$@"; do ip route add "$r" dev eth0; done
+        say "MINIMAL-GUEST-NET eth0 $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
     fi
 fi
 
@@ -127,7 +135,7 @@ while :; do
         case $seen in *" $n "*) continue ;; esac
         seen="$seen$n "
         ip link set "$n" up
-        udhcpc -i "$n" -q -n -t 5 -s /etc/udhcpc.script >/dev/null 2>&1
+        udhcpc -i "$n" -q -n -t 5 -O staticroutes -s /etc/udhcpc.script >/dev/null 2>&1
         say "MINIMAL-GUEST-NET $n $(ip -4 -o addr show dev "$n" | awk '{print $4}')"
     done
     sleep 1 &

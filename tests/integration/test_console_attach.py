@@ -2,11 +2,12 @@
 on a minimal (busybox) guest booted by the real daemon on the real libvirtd and the test
 CNI network.
 
-Until the streaming server is on this branch, the backends run in this test process against
-that daemon's VM: the real libvirt console adapter on its own libvirt connection, the real
-pod-namespace socket adapter, and the daemon's own records read (read-only) from its state
-store in place of PodState. The guest says back every line typed on its console as
-`MINIMAL-GUEST-ECHO <line>` and serves a known page on port 80 (minimal-init.sh).
+The backends run in this test process against that daemon's VM (the wire end to end is
+test_streaming_wire's): the real libvirt console adapter on its own libvirt connection, the
+real pod-namespace socket adapter, and the daemon's own records read (read-only) from its
+state store in place of PodState; so the slow-attacher cases can hold a client on cue. The
+guest says back every line typed on its console as `MINIMAL-GUEST-ECHO <line>` and serves
+a known page on port 80 (minimal-init.sh).
 """
 
 from __future__ import annotations
@@ -32,13 +33,10 @@ from arktos_vm_runtime.service.port_forward import PortForward
 from arktos_vm_runtime.service.stream_io import InputPipe, StreamIO
 from tests.daemon_proc import APIS, Daemon
 from tests.integration.daemon_records import DaemonRecords
-from tests.integration.test_network_common import cni_test_network
-from tests.integration.vm_ops_common import module_tmp
+from tests.integration.vm_ops_common import vm_pod
 from tests.integration.vmpods import (
-    container_config,
+    echo_line,
     log_text,
-    sandbox_config,
-    vm_runtime,
     wait_for,
 )
 
@@ -63,37 +61,17 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(served_minimal_image: str) -> Iterator[Guest]:
-    with module_tmp() as tmp, cni_test_network() as net:
-        d = vm_runtime(tmp, net).start()
-        pb, _ = APIS["v1"]
-        rt = d.runtime("v1")
-        sid = ""
-        try:
-            d.images("v1").PullImage(
-                pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)), timeout=60)
-            cfg = sandbox_config(pb, tmp / "pods", name="attach")
-            sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                   timeout=60).pod_sandbox_id
-            cid = rt.CreateContainer(pb.CreateContainerRequest(
-                pod_sandbox_id=sid, config=container_config(pb, served_minimal_image),
-                sandbox_config=cfg), timeout=60).container_id
-            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-            log = tmp / "pods" / "vm" / "0.log"
-            wait_for("the guest's marker", lambda: MARKER in log_text(log), BOOT_TIMEOUT)
-            records = DaemonRecords(d.state_dir)
-            conn = LibvirtConnection("qemu:///system")
-            domains = Domains(conn, records.setting("instance_id"))
-            consoles = Consoles(domains)
-            yield Guest(d, sid, cid, log, records,
-                        ConsoleAttach(records, consoles),  # type: ignore[arg-type]
-                        PortForward(records, records.endpoint),  # type: ignore[arg-type]
-                        consoles,
-                        GuestExecStream(records, GuestAgent(domains)))  # type: ignore[arg-type]
-        finally:
-            if sid:
-                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
-                                    timeout=60)
-            d.stop()
+    with vm_pod(served_minimal_image, name="attach", api="v1",
+                ready_timeout=BOOT_TIMEOUT) as p:
+        records = DaemonRecords(p.d.state_dir)
+        conn = LibvirtConnection("qemu:///system")
+        domains = Domains(conn, records.setting("instance_id"))
+        consoles = Consoles(domains)
+        yield Guest(p.d, p.sid, p.cid, p.log, records,
+                    ConsoleAttach(records, consoles),  # type: ignore[arg-type]
+                    PortForward(records, records.endpoint),  # type: ignore[arg-type]
+                    consoles,
+                    GuestExecStream(records, GuestAgent(domains)))  # type: ignore[arg-type]
 
 
 @dataclass
@@ -208,24 +186,6 @@ def test_the_log_does_not_depend_on_attachers(guest: Guest) -> None:
     assert stuck.error is None and a.error is None, (stuck.error, a.error)
 
 
-# The pod's namespace holds no address in the VM's subnet (the guest owns the pod IP; the
-# bridge carries only the DHCP server's link-local /32), and the guest has no route back to
-# that link-local address: a connection from inside the namespace is refused by routing
-# (ENETUNREACH) today. It needs the guest to get an on-link route to the server address
-# (DHCP option 121 / the seed's routes) and the namespace a /32 route to the VM: a change to
-# the pod network contract, not made here. Strict: this fails loudly once it works.
-UNROUTED = pytest.mark.xfail(strict=True, raises=Unavailable,
-                             reason="no route between the pod namespace and the guest yet")
-
-
-def test_port_connect_reports_why_the_vm_is_unreachable(guest: Guest) -> None:
-    with pytest.raises(Unavailable) as e:
-        guest.ports.port_connect(guest.sid, 80, 10)
-    assert "port 80 of" in e.value.message and guest.sid in e.value.message
-    assert "unreachable" in e.value.message.lower() or "refused" in e.value.message
-
-
-@UNROUTED
 def test_port_connect_fetches_the_guest_page_and_echoes(guest: Guest) -> None:
     with guest.ports.port_connect(guest.sid, 80, 10) as s:
         s.sendall(b"GET /index.html HTTP/1.0\r\nHost: guest\r\n\r\n")
@@ -236,17 +196,9 @@ def test_port_connect_fetches_the_guest_page_and_echoes(guest: Guest) -> None:
     assert got.startswith(b"HTTP/1.") and b" 200 " in got.split(b"\r\n")[0], got[:200]
     assert got.endswith(b"MINIMAL-GUEST-HTTP index\n"), got[-200:]
     with guest.ports.port_connect(guest.sid, 7, 10) as s:
-        s.settimeout(20)
-        s.sendall(b"through the pod namespace\n")
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = s.recv(100)
-            assert chunk, got
-            got += chunk
-    assert got == b"through the pod namespace\n"
+        assert echo_line(s, b"through the pod namespace\n") == b"through the pod namespace\n"
 
 
-@UNROUTED
 def test_port_connect_to_a_closed_port_is_refused(guest: Guest) -> None:
     try:
         guest.ports.port_connect(guest.sid, 81, 10).close()

@@ -21,18 +21,12 @@ from arktos_vm_runtime.adapters.libvirt_domains import Domains
 from arktos_vm_runtime.errors import Cancelled
 from arktos_vm_runtime.service.guest_exec_stream import GuestExecStream
 from arktos_vm_runtime.service.stream_io import InputPipe, StreamIO
-from tests.daemon_proc import APIS, Daemon
+from tests.daemon_proc import Daemon
 from tests.guest.images import cloud_guest_image
 from tests.integration.daemon_records import DaemonRecords
-from tests.integration.test_network_common import cni_test_network
-from tests.integration.vm_ops_common import module_tmp
+from tests.integration.vm_ops_common import VmPod, vm_pod
 from tests.integration.vmpods import (
-    container_config,
-    image_server,
     require_libvirtd,
-    sandbox_config,
-    vm_runtime,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -77,44 +71,25 @@ class Run:
 @pytest.fixture(scope="module")
 def guest() -> Iterator[Guest]:
     require_libvirtd()
-    with module_tmp() as tmp, cni_test_network() as net:
-        (tmp / "img").mkdir()
-        (tmp / "img" / "guest.qcow2").symlink_to(cloud_guest_image())
-        with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host:
-            image = f"{host}/guest.qcow2"
-            d = vm_runtime(tmp, net).start()
-            pb, _ = APIS["v1"]
-            rt = d.runtime("v1")
-            try:
-                d.images("v1").PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=image)),
-                                         timeout=300)
-                cfg = sandbox_config(pb, tmp / "pods", name="exec-agent")
-                sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                       timeout=30).pod_sandbox_id
-                cid = rt.CreateContainer(pb.CreateContainerRequest(
-                    pod_sandbox_id=sid, sandbox_config=cfg,
-                    config=container_config(pb, image, memory_mib=512)),
-                    timeout=120).container_id
-                rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-                records = DaemonRecords(d.state_dir)
-                domains = Domains(LibvirtConnection("qemu:///system"),
-                                  records.setting("instance_id"))
-                agent = GuestAgent(domains)
-                g = Guest(d, cid, GuestExecStream(records, agent))  # type: ignore[arg-type]
+    agents: dict[str, GuestAgent] = {}
 
-                def answers() -> bool:
-                    try:
-                        agent.ping(cid, sid, timeout=2)
-                        return True
-                    except Exception:
-                        return False
+    def answers(p: VmPod) -> bool:
+        if p.d.state_dir not in agents:
+            records = DaemonRecords(p.d.state_dir)
+            agents[p.d.state_dir] = GuestAgent(Domains(LibvirtConnection("qemu:///system"),
+                                                       records.setting("instance_id")))
+        try:
+            agents[p.d.state_dir].ping(p.cid, p.sid, timeout=2)
+            return True
+        except Exception:
+            time.sleep(1.5)
+            return False
 
-                wait_for("the guest agent", answers, BOOT_TIMEOUT, every=2)
-                yield g
-                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
-                                    timeout=120)
-            finally:
-                d.stop()
+    with vm_pod(cloud_guest_image(), name="exec-agent", api="v1", memory_mib=512,
+                ready=answers, ready_timeout=BOOT_TIMEOUT) as p:
+        records = DaemonRecords(p.d.state_dir)
+        yield Guest(p.d, p.cid,
+                    GuestExecStream(records, agents[p.d.state_dir]))  # type: ignore[arg-type]
 
 
 def test_output_and_exit_codes(guest: Guest) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from arktos_vm_runtime.adapters import dhcp, libvirt_nics, vmnet
+from arktos_vm_runtime.adapters import dhcp, libvirt_nics, pod_socket, vmnet
 from arktos_vm_runtime.adapters.domain_xml import render_interface
 from arktos_vm_runtime.adapters.seed_iso import write_seed_iso
 from arktos_vm_runtime.adapters.templates import default_template_dirs
@@ -38,7 +38,7 @@ from tests.integration.test_network_common import (
     netns_names,
     sh,
 )
-from tests.integration.vmpods import require_libvirtd, wait_for
+from tests.integration.vmpods import echo_line, require_libvirtd, wait_for
 
 pytestmark = pytest.mark.integration
 URI = "qemu:///system"
@@ -91,6 +91,12 @@ def rtt_ms(ping_output: str) -> float:
     m = re.search(r"min/avg/max = [\d.]+/([\d.]+)/", ping_output)
     assert m, ping_output
     return float(m.group(1))
+
+
+def echo_from_pod_namespace(sid: str, ip: str) -> bytes:
+    """A line through the guest's TCP echo (port 7), connected as PortForward does."""
+    with pod_socket.connect(f"avr-{sid}", ip, 7, 10) as s:
+        return echo_line(s, b"port-forward path\n")
 
 
 def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> None:
@@ -150,6 +156,10 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
                 ifname="eth0", slot=0, bridge="avbr0", tap=pod.interfaces[0].target_dev,
                 guest_mac=pod.interfaces[0].mac, mtu=1500), 9, timeout=10)
 
+        # PortForward's way in: the pod IP from the namespace (a /32 route on the bridge; the
+        # guest answers through its on-link route back to the bridge's address)
+        assert echo_from_pod_namespace(sid, pod.ip) == b"port-forward path\n"
+
         # 2. the daemon restarts (dnsmasq ended with it): the VM keeps answering
         dhcp.stop(pn.root / sid)
         pn2 = networks()
@@ -206,6 +216,8 @@ def test_guest_answers_on_its_cni_address(net: CniTestNet, tmp_path: Path) -> No
         assert " 0% packet loss" in out, out
         figures["ping avg ms (dhcp)"] = rtt_ms(out)
         assert tcp_answers(net.probe, pod.ip, 9) in ("refused", "open")
+        # the route back came by DHCP option 121 this time
+        assert echo_from_pod_namespace(sid, pod.ip) == b"port-forward path\n"
         assert [(n.name, n.state) for n in pn.list_nics(sid, uid)] == \
             [("eth0", NIC_READY), ("eth2", NIC_READY)]
         dom.destroy()

@@ -1,9 +1,11 @@
 """Attach, Exec and PortForward end to end: the CRI RPC over the daemon's socket, the URL it
 returns, the daemon's streaming server, the VM behind it. One minimal (busybox) guest for
 the module: it says back each line typed on its console as `MINIMAL-GUEST-ECHO <line>`
-and has no guest agent. Clients: the project's SPDY client (tests/spdy_client.py), a
-`websockets` client (tests/ws_client.py) and the Go client on spdystream (tests/go_client.py).
-Exec through a real agent end to end is in test_vm_ops_cloud.py (Debian guest).
+and has no guest agent; it serves a page on port 80 (busybox httpd) and TCP echo on port 7,
+reached by PortForward from inside the pod's network namespace. Clients: the project's SPDY
+client (tests/spdy_client.py), a `websockets` client (tests/ws_client.py) and the Go client
+on spdystream (tests/go_client.py). Exec through a real agent end to end is in
+test_vm_ops_cloud.py (Debian guest).
 """
 
 from __future__ import annotations
@@ -20,13 +22,9 @@ import pytest
 
 from tests.daemon_proc import APIS, Daemon
 from tests.go_client import spdyclient
-from tests.integration.test_network_common import cni_test_network
-from tests.integration.vm_ops_common import code_of, module_tmp
+from tests.integration.vm_ops_common import code_of, vm_pod
 from tests.integration.vmpods import (
-    container_config,
     log_text,
-    sandbox_config,
-    vm_runtime,
     wait_for,
 )
 from tests.spdy_client import SpdyClient, exec_streams, http_request
@@ -48,30 +46,9 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(served_minimal_image: str) -> Iterator[Guest]:
-    with module_tmp() as tmp, cni_test_network() as net:
-        d = vm_runtime(tmp, net).start()
-        pb, _ = APIS["v1"]
-        rt = d.runtime("v1")
-        sid = ""
-        try:
-            d.images("v1").PullImage(
-                pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)), timeout=60)
-            cfg = sandbox_config(pb, tmp / "pods", name="wire")
-            sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                   timeout=60).pod_sandbox_id
-            ccfg = container_config(pb, served_minimal_image)
-            ccfg.tty = ccfg.stdin = True  # as the Arktos kubelet sets them on VM containers
-            cid = rt.CreateContainer(pb.CreateContainerRequest(
-                pod_sandbox_id=sid, config=ccfg, sandbox_config=cfg), timeout=60).container_id
-            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-            log = tmp / "pods" / "vm" / "0.log"
-            wait_for("the guest's marker", lambda: MARKER in log_text(log), BOOT_TIMEOUT)
-            yield Guest(d, sid, cid, log)
-        finally:
-            if sid:
-                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
-                                    timeout=60)
-            d.stop()
+    # tty and stdin on the VM container, as the Arktos kubelet sets them
+    with vm_pod(served_minimal_image, name="wire", api="v1", ready_timeout=BOOT_TIMEOUT) as p:
+        yield Guest(p.d, p.sid, p.cid, p.log)
 
 
 def attach_url(g: Guest, api: str) -> str:
@@ -142,23 +119,70 @@ def test_exec_without_a_guest_agent_is_a_clean_failure(guest: Guest) -> None:
     assert running(guest)
 
 
-def test_port_forward_reports_why_it_cannot_reach_the_vm(guest: Guest) -> None:
-    """Today's pod wiring gives the pod namespace no address on the VM's subnet (see the
-    README, Exec, Attach and PortForward): the connection fails, and the client is told
-    so on the error stream in the protocol's format, naming the port and the pod."""
-    pb, _ = APIS["v1alpha2"]
-    url = guest.d.runtime("v1alpha2").PortForward(pb.PortForwardRequest(
-        pod_sandbox_id=guest.sid, port=[80]), timeout=15).url
-    c = SpdyClient.connect(url, ["portforward.k8s.io"])
+PAGE = b"MINIMAL-GUEST-HTTP index\n"
+GET = b"GET /index.html HTTP/1.0\r\nHost: guest\r\n\r\n"
+
+
+def check_page(reply: bytes) -> None:
+    assert reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n")[0], reply[:200]
+    assert reply.endswith(PAGE), reply[-200:]
+
+
+def pf_url(g: Guest, api: str, ports: list[int]) -> str:
+    pb, _ = APIS[api]
+    return g.d.runtime(api).PortForward(pb.PortForwardRequest(
+        pod_sandbox_id=g.sid, port=ports), timeout=15).url
+
+
+@pytest.mark.parametrize("api", ["v1alpha2", "v1"])
+def test_port_forward_fetches_the_guest_page_over_spdy(guest: Guest, api: str) -> None:
+    """The guest's httpd (port 80) and TCP echo (port 7) through one SPDY connection:
+    two ports, two streams on port 80 at once, and a closed port (81) reported on its
+    error stream in the kubelet's words, naming the pod."""
+    c = SpdyClient.connect(pf_url(guest, api, []), ["portforward.k8s.io"])
     try:
-        err = c.open({"streamtype": "error", "port": "80", "requestid": "0"})
+        pages = []
+        for rid in ("0", "1"):
+            c.open({"streamtype": "error", "port": "80", "requestid": rid}).close()
+            pages.append(c.open({"streamtype": "data", "port": "80", "requestid": rid}))
+        for data in pages:
+            data.write(GET)
+        for data in pages:
+            check_page(data.read_all())
+        c.open({"streamtype": "error", "port": "7", "requestid": "2"}).close()
+        echo = c.open({"streamtype": "data", "port": "7", "requestid": "2"})
+        payload = secrets.token_hex(4096).encode() + b"\n"
+        echo.write(payload)
+        assert echo.read_until(payload) == payload
+        err = c.open({"streamtype": "error", "port": "81", "requestid": "3"})
         err.close()
-        data = c.open({"streamtype": "data", "port": "80", "requestid": "0"})
+        closed = c.open({"streamtype": "data", "port": "81", "requestid": "3"})
         text = err.read_all()
-        assert text.startswith(f"error forwarding port 80 to pod {guest.sid}".encode()), text
-        assert data.read_all() == b""
+        assert text.startswith(f"error forwarding port 81 to pod {guest.sid}".encode()), text
+        assert b"refused" in text, text
+        assert closed.read_all() == b""
     finally:
         c.close()
+
+
+def test_port_forward_by_websocket_and_the_go_client(guest: Guest) -> None:
+    """The same page through WebSocket (v4.channel.k8s.io: channel 0 data, 1 error, each
+    opened by the port number) and through client-go's SPDY library (spdystream)."""
+    ws = WsClient(pf_url(guest, "v1", [80]), [V4])
+    try:
+        prefix = (80).to_bytes(2, "little")
+        ws.wait_for(1, prefix)
+        ws.send(0, GET)
+        got = ws.wait_for(0, PAGE, 30)
+        assert got.startswith(prefix)
+        check_page(got[len(prefix):])
+        assert ws.channel(1) == prefix, ws.channel(1)
+    finally:
+        ws.close()
+    r = subprocess.run([str(spdyclient()), "portforward", pf_url(guest, "v1", [80]), "80"],
+                       input=GET, capture_output=True, timeout=60)
+    check_page(r.stdout)
+    assert r.stderr.strip() == b"ERROR:", r.stderr
 
 
 def test_attach_to_a_stopped_vm_is_refused(guest: Guest) -> None:

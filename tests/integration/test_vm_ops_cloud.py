@@ -18,15 +18,10 @@ import pytest
 from tests.daemon_proc import APIS, Daemon
 from tests.go_client import spdyclient
 from tests.guest.images import cloud_guest_image
-from tests.integration.test_network_common import cni_test_network
-from tests.integration.vm_ops_common import StateWatch, code_of, module_tmp
+from tests.integration.vm_ops_common import StateWatch, VmPod, code_of, vm_pod
 from tests.integration.vmpods import (
-    container_config,
-    image_server,
     log_text,
     require_libvirtd,
-    sandbox_config,
-    vm_runtime,
     wait_for,
 )
 from tests.ws_client import WsClient
@@ -61,33 +56,13 @@ def _uptime(g: Guest) -> float | None:
 @pytest.fixture(scope="module")
 def guest() -> Iterator[Guest]:
     require_libvirtd()
-    with module_tmp() as tmp, cni_test_network() as net:
-        (tmp / "img").mkdir()
-        (tmp / "img" / "guest.qcow2").symlink_to(cloud_guest_image())
-        with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host:
-            image = f"{host}/guest.qcow2"
-            d = vm_runtime(tmp, net).start()
-            pb, _ = APIS["v1alpha2"]
-            rt = d.runtime("v1alpha2")
-            try:
-                d.images("v1alpha2").PullImage(
-                    pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=300)
-                cfg = sandbox_config(pb, tmp / "pods", name="ops-cloud")
-                sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                       timeout=30).pod_sandbox_id
-                cid = rt.CreateContainer(pb.CreateContainerRequest(
-                    pod_sandbox_id=sid, sandbox_config=cfg,
-                    config=container_config(pb, image, memory_mib=512)),
-                    timeout=120).container_id
-                rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-                g = Guest(d, sid, cid, tmp / "pods" / "vm" / "0.log")
-                wait_for("the guest agent", lambda: _uptime(g) is not None, BOOT_TIMEOUT,
-                         every=2)
-                yield g
-                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
-                                    timeout=120)
-            finally:
-                d.stop()
+
+    def agent_up(p: VmPod) -> bool:
+        return _uptime(Guest(p.d, p.sid, p.cid, p.log)) is not None
+
+    with vm_pod(cloud_guest_image(), name="ops-cloud", memory_mib=512, ready=agent_up,
+                ready_timeout=BOOT_TIMEOUT) as p:
+        yield Guest(p.d, p.sid, p.cid, p.log)
 
 
 @pytest.mark.parametrize("api", ["v1alpha2", "v1"])
@@ -148,6 +123,60 @@ def test_exec_over_the_streaming_server(guest: Guest, api: str) -> None:
         assert json.loads(ws.channel(3))["details"]["causes"][0]["message"] == "4"
     finally:
         ws.close()
+
+
+def test_attach_sees_the_login_prompt_and_types_a_line(guest: Guest) -> None:
+    """kubectl attach to the Debian guest's serial console (a getty on ttyS0) by WebSocket:
+    an Enter brings the login prompt, a typed user name is echoed by the guest's tty and
+    the password prompt follows; the CRI log gets all of it; detaching leaves the VM up."""
+    pb, _ = APIS["v1"]
+    url = guest.d.runtime("v1").Attach(pb.AttachRequest(
+        container_id=guest.cid, stdin=True, stdout=True, tty=True), timeout=15).url
+    ws = WsClient(url, ["v4.channel.k8s.io"])
+    try:
+        for _ in range(20):  # a getty may be restarting; each Enter asks again
+            ws.send(0, b"\r")
+            if b"login: " in ws.wait_for(1, b"login: ", 3):
+                break
+        assert b"login: " in ws.channel(1), ws.channel(1)[-500:]
+        seen = len(ws.channel(1))
+        ws.send(0, b"avr-attach-user\r")
+        out = ws.wait_for(1, b"Password: ", 30)
+        assert b"avr-attach-user" in out[seen:] and b"Password: " in out[seen:], out[-500:]
+        ws.send(0, b"\r")  # an empty password: "Login incorrect", the getty goes on
+    finally:
+        ws.close()
+    wait_for("the typed name in the CRI log", lambda: "avr-attach-user" in log_text(guest.log),
+             20)
+    assert _uptime(guest) is not None, "the VM runs on after the attacher left"
+
+
+def test_port_forward_to_a_server_in_the_debian_guest(guest: Guest) -> None:
+    """PortForward into a cloud-init guest: its route back to the pod namespace came from
+    the seed's network-config (rendered by cloud-init for systemd-networkd, "via 0.0.0.0")
+    and python3's http.server, started through the agent, answers the Go client."""
+    r = _exec(guest, ["ip", "-4", "route", "show", "169.254.253.1"])
+    assert b"169.254.253.1 dev " in r.stdout, r  # type: ignore[attr-defined]
+    r = _exec(guest, ["sh", "-c", "mkdir -p /run/pf && echo CLOUD-GUEST-PAGE >/run/pf/index.html"
+                      " && cd /run/pf && (setsid python3 -m http.server 8080 >/dev/null 2>&1 &)"])
+    assert r.exit_code == 0, r  # type: ignore[attr-defined]
+    pb, _ = APIS["v1"]
+    url = guest.d.runtime("v1").PortForward(pb.PortForwardRequest(
+        pod_sandbox_id=guest.sid, port=[8080]), timeout=15).url
+    got = b""
+    for _ in range(30):  # the server takes a moment to listen
+        out = subprocess.run([str(spdyclient()), "portforward", url, "8080"],
+                             input=b"GET /index.html HTTP/1.0\r\n\r\n", capture_output=True,
+                             timeout=60)
+        got = out.stdout
+        if got:
+            break
+        assert b"refused" in out.stderr, out.stderr
+        time.sleep(1)
+        url = guest.d.runtime("v1").PortForward(pb.PortForwardRequest(
+            pod_sandbox_id=guest.sid, port=[8080]), timeout=15).url
+    assert got.startswith(b"HTTP/1.0 200") and got.endswith(b"CLOUD-GUEST-PAGE\n"), got[-300:]
+    _exec(guest, ["pkill", "-f", "http.server 8080"])
 
 
 def _stats(g: Guest) -> object:

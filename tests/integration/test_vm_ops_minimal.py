@@ -14,13 +14,11 @@ import grpc
 import pytest
 
 from tests.daemon_proc import APIS, Daemon
-from tests.integration.test_network_common import cni_test_network
-from tests.integration.vm_ops_common import StateWatch, code_of, module_tmp
+from tests.integration.vm_ops_common import StateWatch, code_of, vm_pod
 from tests.integration.vmpods import (
     container_config,
     log_text,
     sandbox_config,
-    vm_runtime,
     wait_for,
 )
 
@@ -51,20 +49,8 @@ def _pod(d: Daemon, image: str, log_dir: Path, api: str, name: str) -> tuple[str
 
 @pytest.fixture(scope="module")
 def booted(served_minimal_image: str) -> Iterator[Pod]:
-    with module_tmp() as tmp, cni_test_network() as net:
-        d = vm_runtime(tmp, net).start()
-        pb, _ = APIS["v1alpha2"]
-        try:
-            d.images("v1alpha2").PullImage(
-                pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)), timeout=60)
-            sid, cid = _pod(d, served_minimal_image, tmp / "pods", "v1alpha2", "ops-min")
-            log = tmp / "pods" / "vm" / "0.log"
-            wait_for("the guest's marker", lambda: MARKER in log_text(log), BOOT_TIMEOUT)
-            yield Pod(d, sid, cid, log)
-            d.runtime("v1alpha2").RemovePodSandbox(
-                pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=60)
-        finally:
-            d.stop()
+    with vm_pod(served_minimal_image, name="ops-min", ready_timeout=BOOT_TIMEOUT) as p:
+        yield Pod(p.d, p.sid, p.cid, p.log)
 
 
 @pytest.mark.parametrize("api", ["v1alpha2", "v1"])

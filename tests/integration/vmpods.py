@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -182,3 +183,16 @@ def instance_leftovers(d: Daemon, net: CniTestNet, cids: list[str]) -> list[str]
     finally:
         db.close()
     return found
+
+
+def echo_line(sock: socket.socket, line: bytes) -> bytes:
+    """Sends one line through an echo service (the minimal guest's port 7); what came back
+    up to its newline."""
+    sock.settimeout(20)
+    sock.sendall(line)
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = sock.recv(100)
+        assert chunk, got
+        got += chunk
+    return got

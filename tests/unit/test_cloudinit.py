@@ -454,6 +454,7 @@ def sample_network() -> NetworkInfo:
                 addresses=("10.1.2.3/24", "fd00::3/64"),
                 gateways=("10.1.2.1", "fd00::1"),
                 routes=(("192.168.0.0/16", "10.1.2.254"),),
+                link_routes=("169.254.253.1/32",),
                 mtu=1450,
             ),
             NetInterface(mac=MAC1, name="data0", addresses=("10.9.0.5/16",)),
@@ -484,6 +485,7 @@ def test_network_config_v2_static() -> None:
                     {"to": "0.0.0.0/0", "via": "10.1.2.1"},
                     {"to": "::/0", "via": "fd00::1"},
                     {"to": "192.168.0.0/16", "via": "10.1.2.254"},
+                    {"to": "169.254.253.1/32", "via": "0.0.0.0"},
                 ],
                 "nameservers": {
                     "addresses": ["10.1.2.2", "fd00::2"],
@@ -513,6 +515,8 @@ def test_network_config_parsed_by_cloud_init() -> None:
     v4 = next(s for s in eth0["subnets"] if s["address"] == "10.1.2.3")
     assert {"network": "0.0.0.0", "prefix": 0, "gateway": "10.1.2.1"} in v4["routes"]
     assert {"network": "192.168.0.0", "prefix": 16, "gateway": "10.1.2.254"} in v4["routes"]
+    # the on-link route back to the pod namespace (PortForward)
+    assert {"network": "169.254.253.1", "prefix": 32, "gateway": "0.0.0.0"} in v4["routes"]
     assert state["interfaces"]["data0"]["mac"] == MAC1
     assert "10.1.2.2" in state["dns"] and "cluster.local" in state["search"]
 
@@ -526,6 +530,7 @@ def test_network_data_json_parsed_by_cloud_init() -> None:
     v4 = next(s for s in eth0["subnets"] if s["address"] == "10.1.2.3")
     assert v4["type"] == "static" and v4["prefix"] == 24
     assert {"network": "0.0.0.0", "prefix": 0, "gateway": "10.1.2.1"} in v4["routes"]
+    assert {"network": "169.254.253.1", "prefix": 32, "gateway": "0.0.0.0"} in v4["routes"]
     v6 = next(s for s in eth0["subnets"] if s["address"] == "fd00::3")
     assert v6["type"] == "static6" and v6["prefix"] == 64
     assert state["interfaces"]["data0"]["subnets"][0]["address"] == "10.9.0.5"

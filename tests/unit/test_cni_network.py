@@ -26,6 +26,7 @@ TEMPLATES = [Path(__file__).resolve().parents[2] / "templates"]
 HOSTS = [
     dhcp.DhcpHost(tag="p0", bridge="avbr0", mac="0a:58:0a:58:00:05", address="10.88.0.5/24",
                   gateway="10.88.0.1", routes=(("10.96.0.0/12", "10.88.0.254"),),
+                  link_routes=("169.254.253.1/32",),
                   dns_servers=("10.96.0.10",), dns_search=("svc.cluster.local",),
                   mtu=1450),
     dhcp.DhcpHost(tag="p1", bridge="avbr1", mac="0a:58:0a:59:00:07",
@@ -66,8 +67,10 @@ def test_dnsmasq_conf_static_leases_routes_and_one_router() -> None:
         "shared-network=avbr0,10.88.0.0",
         "dhcp-host=0a:58:0a:58:00:05,set:p0,10.88.0.5,infinite",
         "dhcp-option=tag:p0,option:router,10.88.0.1",
+        # option 121 replaces the router option (RFC 3442), so the default route is in it;
+        # the server's address on the link (router 0.0.0.0) is PortForward's way back
         "dhcp-option=tag:p0,option:classless-static-route,0.0.0.0/0,10.88.0.1,"
-        "10.96.0.0/12,10.88.0.254",
+        "169.254.253.1/32,0.0.0.0,10.96.0.0/12,10.88.0.254",
         "dhcp-option=tag:p0,option:dns-server,10.96.0.10",
         "dhcp-option=tag:p0,option:domain-search,svc.cluster.local",
         "dhcp-option=tag:p0,option:mtu,1450",

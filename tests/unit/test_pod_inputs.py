@@ -12,7 +12,7 @@ import libvirt
 import pytest
 
 from arktos_vm_runtime.errors import InvalidArgument
-from arktos_vm_runtime.service.containers import log_file
+from arktos_vm_runtime.service.container_create import log_file
 from arktos_vm_runtime.service.records import EXITED, RUNNING
 from tests.unit import test_pods
 from tests.unit.test_pods import URI, Env, container_input, libvirt_state, sandbox, wait_for
