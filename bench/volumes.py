@@ -16,24 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import tempfile
-import time
 from pathlib import Path
 
+from bench.pods import PodTimes, bench_daemon, marker_annotations, timed_pod
 from tests.daemon_proc import APIS, Daemon
-from tests.guest.images import cloud_guest_image, minimal_guest
-from tests.integration.test_network_common import cni_test_network
-from tests.integration.vmpods import (
-    container_config,
-    image_server,
-    log_text,
-    sandbox_config,
-    vm_runtime,
-)
-
-MARKERS = {"minimal": "MINIMAL-GUEST-UP", "cloud": "BENCH-VOLUMES-MARKER"}
 
 
 def kubelet_volume(root: Path, kind: str, name: str, files: dict[str, bytes]) -> Path:
@@ -49,12 +36,10 @@ def kubelet_volume(root: Path, kind: str, name: str, files: dict[str, bytes]) ->
 
 def one_run(d: Daemon, image: str, kind: str, kubelet: Path, i: int, volumes: bool
             ) -> tuple[float, float, float]:
+    """(CreateContainer, ..StartContainer done, ..marker line) in seconds from the
+    CreateContainer call."""
     pb, _ = APIS["v1alpha2"]
-    rt = d.runtime("v1alpha2")
-    annotations = {"VirtletVCPUCount": "2"}
-    if kind == "cloud":
-        annotations["VirtletCloudInitUserData"] = (
-            f"runcmd:\n  - echo {MARKERS['cloud']} > /dev/ttyS0\n")
+    annotations = marker_annotations(kind)
     mounts = []
     if volumes:
         pod = kubelet / f"pod{i}"
@@ -67,29 +52,8 @@ def one_run(d: Daemon, image: str, kind: str, kubelet: Path, i: int, volumes: bo
                   pb.Mount(container_path="/scratch", host_path=str(ed))]
         annotations["VirtletExtraDisks"] = json.dumps([{
             "name": "data", "size": "256Mi", "format": "ext4", "mountPath": "/data"}])
-    log_dir = d.pod_logs / f"run{i}"
-    cfg = sandbox_config(pb, log_dir, annotations=annotations, name=f"bench-vol-{i}")
-    sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60).pod_sandbox_id
-    cc = container_config(pb, image, memory_mib=512)
-    cc.mounts.extend(mounts)
-    t0 = time.monotonic()
-    cid = rt.CreateContainer(pb.CreateContainerRequest(
-        pod_sandbox_id=sid, sandbox_config=cfg, config=cc), timeout=120).container_id
-    created = time.monotonic() - t0
-    rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
-    started = time.monotonic() - t0
-    log = log_dir / "vm" / "0.log"
-    marker = 0.0
-    while time.monotonic() < t0 + 600:
-        if any(line.endswith(" " + MARKERS[kind]) for line in log_text(log).splitlines()):
-            marker = time.monotonic() - t0
-            break
-        time.sleep(0.02)
-    rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=sid), timeout=120)
-    rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid), timeout=120)
-    if not marker:
-        raise SystemExit(f"run {i}: no marker within 600 s")
-    return created, started, marker
+    t: PodTimes = timed_pod(d, image, kind, f"bench-vol-{i}", annotations, mounts)
+    return t.created - t.sandbox, t.started - t.sandbox, t.marker - t.sandbox
 
 
 def stats(name: str, values: list[float]) -> str:
@@ -102,39 +66,27 @@ def main() -> None:
     ap.add_argument("kind", choices=["minimal", "cloud"])
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    src = minimal_guest().disk if args.kind == "minimal" else cloud_guest_image()
-    tmp = Path(tempfile.mkdtemp(prefix="avr-bench-", dir="/tmp"))
-    tmp.chmod(0o711)
-    kubelet = tmp / "kubelet"
-    kubelet.mkdir()
-    try:
-        (tmp / "img").mkdir()
-        (tmp / "img" / "guest.qcow2").symlink_to(src)
-        with image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}) as host, \
-                cni_test_network() as net:
-            d = vm_runtime(tmp, net, "--volume-allowed-roots", str(kubelet)).start()
-            try:
-                image = f"{host}/guest.qcow2"
-                pb, _ = APIS["v1alpha2"]
-                d.images("v1alpha2").PullImage(
-                    pb.PullImageRequest(image=pb.ImageSpec(image=image)), timeout=600)
-                runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
-                for i in range(args.runs):
-                    for volumes in (False, True):
-                        runs[volumes].append(one_run(d, image, args.kind, kubelet,
-                                                     2 * i + volumes, volumes))
-            finally:
-                d.stop()
-        print(f"arktos-vm-runtime, {args.kind} guest, {args.runs} runs each")
-        for volumes, label in ((False, "no volumes"), (True, "4 volumes")):
-            print(f" {label}:")
-            print(stats("CreateContainer", [r[0] for r in runs[volumes]]))
-            print(stats("..StartContainer done", [r[1] for r in runs[volumes]]))
-            print(stats("..marker line", [r[2] for r in runs[volumes]]))
-        added = [b[2] - a[2] for a, b in zip(runs[False], runs[True], strict=True)]
-        print(stats("added to the marker (pairs)", added))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    runs: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+
+    def kubelet_dir(tmp: Path) -> list[str]:
+        """The kubelet's volumes' root, in the bench's directory; the daemon allows it."""
+        (tmp / "kubelet").mkdir()
+        return ["--volume-allowed-roots", str(tmp / "kubelet")]
+
+    with bench_daemon(args.kind, daemon_args=kubelet_dir) as b:
+        kubelet_root = b.tmp / "kubelet"
+        for i in range(args.runs):
+            for volumes in (False, True):
+                runs[volumes].append(one_run(b.d, b.image, args.kind, kubelet_root,
+                                             2 * i + volumes, volumes))
+    print(f"arktos-vm-runtime, {args.kind} guest, {args.runs} runs each")
+    for volumes, label in ((False, "no volumes"), (True, "4 volumes")):
+        print(f" {label}:")
+        print(stats("CreateContainer", [r[0] for r in runs[volumes]]))
+        print(stats("..StartContainer done", [r[1] for r in runs[volumes]]))
+        print(stats("..marker line", [r[2] for r in runs[volumes]]))
+    added = [b[2] - a[2] for a, b in zip(runs[False], runs[True], strict=True)]
+    print(stats("added to the marker (pairs)", added))
 
 
 if __name__ == "__main__":

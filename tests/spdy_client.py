@@ -116,6 +116,12 @@ class ClientStream:
             self._cond.wait_for(lambda: want in self._data or self.eof.is_set(), timeout)
             return bytes(self._data)
 
+    def read_count(self, n: int, timeout: float = TIMEOUT) -> int:
+        """Waits until `n` bytes have come (or the stream ended); how many came."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._data) >= n or self.eof.is_set(), timeout)
+            return len(self._data)
+
     def read_all(self, timeout: float = TIMEOUT) -> bytes:
         """Everything until FIN or RST."""
         if not self.eof.wait(timeout):

@@ -160,6 +160,14 @@ class WsClient:
                                 timeout)
             return self.channel_unlocked(ch)
 
+    def wait_count(self, ch: int, n: int, timeout: float = TIMEOUT) -> int:
+        """Waits until `n` bytes have come on channel `ch` (or the connection closed)."""
+        def count() -> int:
+            return sum(len(d) for c, d in self.messages if c == ch)
+        with self._cond:
+            self._cond.wait_for(lambda: count() >= n or self.closed.is_set(), timeout)
+            return count()
+
     def channel_unlocked(self, ch: int) -> bytes:
         return b"".join(d for c, d in self.messages if c == ch)
 
