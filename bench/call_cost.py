@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--load", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--profile-calls", type=int, default=5000)
+    ap.add_argument("--native", action="store_true",
+                    help="py-spy --native: C/Cython frames too (grpcio's core)")
     ap.add_argument("--name", default="call_cost")
     args = ap.parse_args(argv)
     out: dict[str, Any] = {"calls": args.calls, "load_processes": args.load}
@@ -125,10 +127,11 @@ def main(argv: list[str] | None = None) -> None:
         for h in hogs:
             stop(h)
         assert d.proc is not None
-        print(f"py-spy on the daemon over {args.profile_calls} Version calls (quiet):")
+        print(f"py-spy{' --native' if args.native else ''} on the daemon over "
+              f"{args.profile_calls} Version calls (quiet):")
         out["profile"] = profile(d.proc.pid, lambda: [
             stubs["daemon"].Version(pb.VersionRequest(), timeout=10)
-            for _ in range(args.profile_calls)], idle=False)
+            for _ in range(args.profile_calls)], native=args.native)
         print_top(out["profile"], 14)
     write_json(args.name, out)
 

@@ -14,6 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+#: Leaf frames that are a thread waiting (in epoll, poll, a lock), not working.
+WAITING = {"epoll_wait", "poll", "select", "EpollSelector.select", "_PollLikeSelector.select",
+           "Condition.wait", "Event.wait", "pthread_cond_wait", "pthread_cond_timedwait",
+           "sem_wait", "sem_timedwait", "futex_wait", "syscall", "0x0", "nanosleep",
+           "clock_nanosleep", "accept", "recvmsg", "read", "_worker"}
+#: Frames of the runtime's own request handling (its API, service and adapter layers).
+RUNTIME_CODE = ("(api/", "(service/", "(adapters/")
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -38,7 +45,7 @@ def top_frames(collapsed: str, n: int = 12) -> dict[str, Any]:
     """Own (leaf) and inclusive sample shares per function, from 'f1;f2;f3 COUNT' lines."""
     own: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    total = 0
+    total = waiting = ours = 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -50,15 +57,22 @@ def top_frames(collapsed: str, n: int = 12) -> dict[str, Any]:
         total += c
         if frames:
             own[frames[-1]] += c
+            if frames[-1].split(" ", 1)[0] in WAITING:
+                waiting += c
+        if any(any(r in f for r in RUNTIME_CODE) for f in frames):
+            ours += c
         for f in set(frames):
             incl[f] += c
     def share(cnt: Counter[str]) -> list[dict[str, Any]]:
         return [{"frame": f, "pct": round(100 * v / total, 1)} for f, v in cnt.most_common(n)]
-    return {"samples": total, "own": share(own), "inclusive": share(incl)}
+    busy = max(1, total - waiting)
+    return {"samples": total, "own": share(own), "inclusive": share(incl),
+            "waiting_pct": round(100 * waiting / max(1, total), 1),
+            "runtime_code_pct_of_busy": round(100 * ours / busy, 1)}
 
 
 def profile(pid: int, work: Callable[[], Any], rate: int = 250,
-            idle: bool = False) -> dict[str, Any] | None:
+            idle: bool = False, native: bool = False) -> dict[str, Any] | None:
     """Samples `pid` with py-spy while `work()` runs; None when py-spy is not installed or
     cannot attach (no ptrace)."""
     exe = py_spy()
@@ -69,7 +83,8 @@ def profile(pid: int, work: Callable[[], Any], rate: int = 250,
     with tempfile.TemporaryDirectory(prefix="avr-prof-") as t:
         out = Path(t) / "stacks.txt"
         cmd = [exe, "record", "-p", str(pid), "-r", str(rate), "-f", "raw", "-o", str(out),
-               "--nonblocking", *(["--idle"] if idle else [])]
+               *([] if native else ["--nonblocking"]), *(["--idle"] if idle else []),
+               *(["--native"] if native else [])]
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
         try:
@@ -90,7 +105,9 @@ def profile(pid: int, work: Callable[[], Any], rate: int = 250,
 def print_top(prof: dict[str, Any] | None, n: int = 10) -> None:
     if not prof:
         return
-    print(f"  profile: {prof['samples']} samples; top frames by own time:")
+    print(f"  profile: {prof['samples']} samples, {prof['waiting_pct']} % waiting; the "
+          f"runtime's own api/service/adapters code in {prof['runtime_code_pct_of_busy']} % "
+          "of the rest; top frames by own time:")
     for r in prof["own"][:n]:
         print(f"    {r['pct']:5.1f} %  {r['frame']}")
     print("  by inclusive time:")
