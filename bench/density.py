@@ -10,7 +10,10 @@ over --cpu-seconds of once-a-second relisting at the last checkpoint.
 
 Prints the tables; writes bench/results/density.json and relist.json (--name changes the
 stem). Every pod, domain, file and network is removed at the end, also on error or Ctrl-C.
-Stops early, and says why, when the host's MemAvailable falls below --min-free-mib.
+Each pod's guest is waited for before the next starts (start time vs count = what the Nth
+pod costs with N-1 running). Stops early, and says why, when the host's MemAvailable falls
+below --min-free-mib, a guest takes longer than --max-boot-s, or a phase has run
+--budget-s (TCG guests are CPU: the machine's cores run out long before its memory).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bench.fleet import (
     RawFleet,
     RuntimeFleet,
     cleanup_stack,
+    cpu_s,
     fds,
     fmt,
     maybe_lock,
@@ -59,6 +63,14 @@ def host() -> dict[str, Any]:
 def checkpoints(arg: str, pods: int) -> list[int]:
     cps = sorted({int(x) for x in arg.split(",") if x and int(x) < pods} | {pods})
     return cps
+
+
+def qemu_cpu_pct(domains: list[str], seconds: float = 5.0) -> list[float]:
+    """Each QEMU's CPU over `seconds`, % of one core (idle guests: TCG's timer ticks)."""
+    pids = [p for p in (qemu_pid(n) for n in domains) if p]
+    c0 = {p: cpu_s(p) for p in pids}
+    time.sleep(seconds)
+    return [100 * (cpu_s(p) - c0[p]) / seconds for p in pids]
 
 
 def qemu_rss(domains: list[str]) -> list[float]:
@@ -100,20 +112,29 @@ def runtime_phase(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
         watcher = Watcher(lambda: wait_up(list(fleet.pods), 0))
         stack.callback(watcher.close)
         cps = checkpoints(args.checkpoints, args.pods)
+        t_phase = time.monotonic()
         print(f"density: runtime, minimal guest, 1 vCPU, {args.memory} MiB, up to "
               f"{args.pods} pods (checkpoints {cps})", flush=True)
         print(f"  {'pods':>5} {'api s':>7} {'up s':>7} {'daemon RSS MiB':>15} {'fds':>5} "
-              f"{'QEMU RSS MiB p50/max':>21} {'ping ok':>8} {'load':>5} {'free MiB':>9}",
-              flush=True)
+              f"{'QEMU RSS MiB p50/max':>21} {'ping ok':>8} {'QEMU CPU %/VM':>13} {'all QEMU':>8} "
+              f"{'load':>5} {'free MiB':>9}", flush=True)
         for i in range(args.pods):
             if mem_available_mib() < args.min_free_mib:
                 res["stopped"] = (f"before pod {i + 1}: host MemAvailable "
                                   f"{mem_available_mib()} MiB < {args.min_free_mib}")
                 break
+            if time.monotonic() - t_phase > args.budget_s:
+                res["stopped"] = (f"before pod {i + 1}: the phase's time budget "
+                                  f"({args.budget_s:.0f} s) is spent; load {host()}")
+                break
             try:
-                fleet.start_pod(i)
+                pod = fleet.start_pod(i)
             except Exception as e:
                 res["stopped"] = f"pod {i + 1}: {e!r}"[:500]
+                break
+            if wait_up([pod], args.max_boot_s):
+                res["stopped"] = (f"pod {i + 1}: its guest was not up within "
+                                  f"{args.max_boot_s:.0f} s; {host()}")
                 break
             if i + 1 in cps:
                 checkpoint(fleet, args, res, rel, pid)
@@ -148,7 +169,9 @@ def checkpoint(fleet: RuntimeFleet, args: argparse.Namespace, res: dict[str, Any
     ips = {p.sid: fleet.pod_ip(p.sid) for p in fleet.pods}
     bad = [p.i + 1 for p in fleet.pods if not ips[p.sid] or not pings(fleet.net, ips[p.sid])]
     q = qemu_rss([f"avr-{p.cid}" for p in fleet.pods])
-    cp = {"pods": n, "daemon_rss_mib": round(rss_kib(pid) / 1024, 1), "daemon_fds": fds(pid),
+    qcpu = qemu_cpu_pct([f"avr-{p.cid}" for p in fleet.pods])
+    cp = {"qemu_cpu_pct": summary(qcpu), "qemu_cpu_total_cores": round(sum(qcpu) / 100, 2),
+          "pods": n, "daemon_rss_mib": round(rss_kib(pid) / 1024, 1), "daemon_fds": fds(pid),
           "qemu_rss_mib": summary(q), "guest_mib": args.memory, "not_up": [p.i + 1 for p in late],
           "ping_failed": bad, **host()}
     res["checkpoints"].append(cp)
@@ -156,6 +179,7 @@ def checkpoint(fleet: RuntimeFleet, args: argparse.Namespace, res: dict[str, Any
     print(f"  {n:>5} {last.api_s:7.2f} {last.up_s:7.1f} {cp['daemon_rss_mib']:15.1f} "
           f"{cp['daemon_fds']:>5} {cp['qemu_rss_mib'].get('p50', 0):10.1f}/"
           f"{cp['qemu_rss_mib'].get('max', 0):<10.1f} {n - len(bad):>4}/{n:<3} "
+          f"{cp['qemu_cpu_pct'].get('p50', 0):13.1f} {cp['qemu_cpu_total_cores']:8.2f} "
           f"{cp['loadavg_1m']:5.1f} {cp['mem_available_mib']:9}", flush=True)
     r = relist.measure(fleet, args.relist_rounds, args.status_rounds)
     rel["checkpoints"].append(r)
@@ -169,7 +193,7 @@ def baseline_phase(args: argparse.Namespace, count: int) -> dict[str, Any]:
         print(f"baseline: raw libvirt-python, same guest, 1 vCPU, {args.memory} MiB, "
               f"{count} domains, no network", flush=True)
         print(f"  {'doms':>5} {'prep+create s':>14} {'up s':>7} {'QEMU RSS MiB p50/max':>21} "
-              f"{'load':>5} {'free MiB':>9}", flush=True)
+              f"{'QEMU CPU %/VM':>13} {'all QEMU':>8} {'load':>5} {'free MiB':>9}", flush=True)
         doms: list[RawDomain] = []
         watcher = Watcher(lambda: raw_wait_up(list(doms), 0))
         stack.callback(watcher.close)
@@ -182,16 +206,25 @@ def baseline_phase(args: argparse.Namespace, count: int) -> dict[str, Any]:
             except Exception as e:
                 res["stopped"] = f"domain {i + 1}: {e!r}"[:500]
                 break
+            if raw_wait_up(doms[-1:], args.max_boot_s):
+                res["stopped"] = (f"domain {i + 1}: its guest was not up within "
+                                  f"{args.max_boot_s:.0f} s; {host()}")
+                break
             if i + 1 in cps:
                 late = raw_wait_up(doms, args.boot_timeout)
                 q = qemu_rss([d.name for d in doms])
-                cp = {"domains": len(doms), "qemu_rss_mib": summary(q),
+                qcpu = qemu_cpu_pct([d.name for d in doms])
+                cp = {"qemu_cpu_pct": summary(qcpu),
+                      "qemu_cpu_total_cores": round(sum(qcpu) / 100, 2),
+                      "domains": len(doms), "qemu_rss_mib": summary(q),
                       "not_up": [d.i + 1 for d in late], **host()}
                 res["checkpoints"].append(cp)
                 d = doms[-1]
                 print(f"  {len(doms):>5} {d.prep_s + d.create_s:14.2f} {d.up_s:7.1f} "
                       f"{cp['qemu_rss_mib'].get('p50', 0):10.1f}/"
-                      f"{cp['qemu_rss_mib'].get('max', 0):<10.1f} {cp['loadavg_1m']:5.1f} "
+                      f"{cp['qemu_rss_mib'].get('max', 0):<10.1f} "
+                      f"{cp['qemu_cpu_pct'].get('p50', 0):13.1f} "
+                      f"{cp['qemu_cpu_total_cores']:8.2f} {cp['loadavg_1m']:5.1f} "
                       f"{cp['mem_available_mib']:9}", flush=True)
         watcher.close()
         res["per_domain"] = [{"domain": d.i + 1, "prep_s": round(d.prep_s, 3),
@@ -209,7 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--status-rounds", type=int, default=5)
     ap.add_argument("--cpu-seconds", type=int, default=60)
     ap.add_argument("--boot-timeout", type=float, default=900)
-    ap.add_argument("--min-free-mib", type=int, default=3072)
+    ap.add_argument("--min-free-mib", type=int, default=2048)
+    ap.add_argument("--max-boot-s", type=float, default=240,
+                    help="stop when one guest takes longer than this to come up")
+    ap.add_argument("--budget-s", type=float, default=600,
+                    help="stop starting pods (domains) after this long in a phase")
     ap.add_argument("--profile", action="store_true", help="py-spy on the relists")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--lock", help="flock this file around each phase (not across both)")
