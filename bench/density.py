@@ -195,11 +195,16 @@ def baseline_phase(args: argparse.Namespace, count: int) -> dict[str, Any]:
         print(f"  {'doms':>5} {'prep+create s':>14} {'up s':>7} {'QEMU RSS MiB p50/max':>21} "
               f"{'QEMU CPU %/VM':>13} {'all QEMU':>8} {'load':>5} {'free MiB':>9}", flush=True)
         doms: list[RawDomain] = []
+        t_phase = time.monotonic()
         watcher = Watcher(lambda: raw_wait_up(list(doms), 0))
         stack.callback(watcher.close)
         for i in range(count):
             if mem_available_mib() < args.min_free_mib:
                 res["stopped"] = f"before domain {i + 1}: MemAvailable below {args.min_free_mib}"
+                break
+            if time.monotonic() - t_phase > args.budget_s:
+                res["stopped"] = (f"before domain {i + 1}: the phase's time budget "
+                                  f"({args.budget_s:.0f} s) is spent; load {host()}")
                 break
             try:
                 doms.append(fleet.start(i))

@@ -192,6 +192,17 @@ class RuntimeFleet:
             self.pods.append(pod)
         return pod
 
+    def start_sandbox(self, i: int, api: str = "v1alpha2") -> float:
+        """RunPodSandbox alone (namespace, CNI, DHCP server; no VM): its seconds."""
+        pb, _ = APIS[api]
+        cfg = sandbox_config(pb, self.d.pod_logs / f"sb{i}", name=f"bench-sb-{i}")
+        t0 = time.monotonic()
+        sid = self.d.runtime(api).RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
+                                                timeout=300).pod_sandbox_id
+        with self.lock:
+            self.sids.append(sid)
+        return time.monotonic() - t0
+
     def pod_ip(self, sid: str) -> str:
         pb, _ = APIS["v1alpha2"]
         st = self.d.runtime("v1alpha2").PodSandboxStatus(

@@ -31,6 +31,7 @@ from bench.fleet import (
     wait_up,
     write_json,
 )
+from bench.profiling import print_top, profile
 
 
 def runtime_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,6 +76,27 @@ def raw_run(args: argparse.Namespace) -> dict[str, Any]:
                 "_api": total, "_up": [d.up_s for d in ok if d.up_s]}
 
 
+def sandboxes_profile(args: argparse.Namespace) -> None:
+    """RunPodSandbox alone, --pods at once (no VM starts, so no lock needed), with py-spy
+    on the daemon: where the runtime's extra time in a parallel start goes."""
+    with cleanup_stack() as stack:
+        fleet = runtime_fleet(stack, scratch(stack), args.memory, args.pods)
+        fleet.start_sandbox(999)  # warm
+        assert fleet.d.proc is not None
+        got: dict[str, Any] = {}
+
+        def work() -> None:
+            got["wall"], got["each"], got["errors"] = at_once(args.pods, fleet.start_sandbox)
+        prof = profile(fleet.d.proc.pid, work, native=args.native)
+    print(f"RunPodSandbox alone, {args.pods} at once (namespace + CNI bridge/host-local + "
+          f"dnsmasq, no VM): all done after {got['wall']:.2f} s, errors {len(got['errors'])}")
+    print(fmt("per sandbox", [x for x in got["each"] if x is not None], "s"))
+    print_top(prof, 14)
+    write_json(f"{args.name}-sandboxes", {"pods": args.pods, "wall_s": round(got["wall"], 3),
+                                          "per_sandbox_s": summary(got["each"]),
+                                          "errors": got["errors"], "profile": prof})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pods", type=int, default=20)
@@ -82,7 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--boot-timeout", type=float, default=900)
     ap.add_argument("--lock", help="flock this file around each half")
     ap.add_argument("--name", default="parallel_start")
+    ap.add_argument("--sandboxes-only", action="store_true",
+                    help="RunPodSandbox alone, profiled (starts no VM)")
+    ap.add_argument("--native", action="store_true", help="py-spy --native")
     args = ap.parse_args(argv)
+    if args.sandboxes_only:
+        sandboxes_profile(args)
+        return
     with maybe_lock(args.lock):
         rt = runtime_run(args)
     with maybe_lock(args.lock):

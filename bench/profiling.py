@@ -20,7 +20,7 @@ WAITING = {"epoll_wait", "poll", "select", "EpollSelector.select", "_PollLikeSel
            "sem_wait", "sem_timedwait", "futex_wait", "syscall", "0x0", "nanosleep",
            "clock_nanosleep", "accept", "recvmsg", "read", "_worker"}
 #: Frames of the runtime's own request handling (its API, service and adapter layers).
-RUNTIME_CODE = ("(api/", "(service/", "(adapters/")
+RUNTIME_CODE = ("api/", "service/", "adapters/")
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -55,11 +55,12 @@ def top_frames(collapsed: str, n: int = 12) -> dict[str, Any]:
         frames = [f for f in frames if not f.startswith("process ") and
                   not f.startswith("thread ")] or frames
         total += c
+        idle = bool(frames) and frames[-1].split(" ", 1)[0] in WAITING
         if frames:
             own[frames[-1]] += c
-            if frames[-1].split(" ", 1)[0] in WAITING:
-                waiting += c
-        if any(any(r in f for r in RUNTIME_CODE) for f in frames):
+        if idle:
+            waiting += c
+        elif any(any(r in f.rpartition(" (")[2] for r in RUNTIME_CODE) for f in frames):
             ours += c
         for f in set(frames):
             incl[f] += c
