@@ -29,8 +29,9 @@ TOP = Path(__file__).resolve().parents[2]
 
 class Bench:
     def __init__(self, root: Path) -> None:
-        self.scratch = root / "scratch"
-        self.results = root / "results"
+        # short: libvirt refuses a unix socket path (the VM's agent.sock) past 107 bytes
+        self.scratch = root / "s"
+        self.results = root / "r"
         self.scratch.mkdir()
         self.scratch.chmod(0o755)  # QEMU's user reaches the disks below
         self.env = dict(os.environ, AVR_BENCH_TMP=str(self.scratch),
@@ -60,7 +61,7 @@ def host_objects() -> set[str]:
 def bench() -> Iterator[Bench]:
     require_libvirtd()
     require_root_tools()
-    root = Path(tempfile.mkdtemp(prefix="avr-smoke-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="avs-", dir="/tmp"))
     root.chmod(0o755)
     before = host_objects()
     b = Bench(root)
