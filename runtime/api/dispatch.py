@@ -124,14 +124,17 @@ def _unary(
             metrics.observe_rpc(name, code.name, elapsed)
             if len(detail) > MAX_DETAIL:
                 detail = detail[:MAX_DETAIL] + f"... ({len(detail)} characters)"
-            fields = {"CRI_METHOD": name, "CRI_API": api_version, "GRPC_CODE": code.name,
-                      **_ids(request)}
             level = logging.DEBUG if name in _QUIET and code == grpc.StatusCode.OK else logging.INFO
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.UNIMPLEMENTED,
                             grpc.StatusCode.NOT_FOUND):
                 level = logging.WARNING
-            log.log(level, "%s %s in %.1f ms%s", full, code.name, elapsed * 1000,
-                    f": {detail}" if detail else "", extra=fields)
+            # The journal fields only for a line that is written: the kubelet's once-a-second
+            # calls are DEBUG, off by default (bench/call_cost.py).
+            if log.isEnabledFor(level):
+                fields = {"CRI_METHOD": name, "CRI_API": api_version, "GRPC_CODE": code.name,
+                          **_ids(request)}
+                log.log(level, "%s %s in %.1f ms%s", full, code.name, elapsed * 1000,
+                        f": {detail}" if detail else "", extra=fields)
         # abort raises, and grpc keeps that exception in a cycle with this frame until the
         # garbage collector runs: this frame must not keep the (maybe 16 MiB) request.
         request = None

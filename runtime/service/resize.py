@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 from ..adapters.libvirt_resize import DomainResizer, VmResources
 from ..checks import shown
@@ -117,7 +118,16 @@ def check_fits(t: Target, vm: VmResources, quotas: Quotas) -> None:
                 memory_mib=t.memory_mib)
 
 
-def reported(rec: ContainerRecord, vm: VmResources) -> Reported:
+class Present(Protocol):
+    """What `reported` needs of a VM: adapters' VmResources or VmPresent."""
+
+    @property
+    def vcpus(self) -> int: ...
+    @property
+    def memory_kib(self) -> int: ...
+
+
+def reported(rec: ContainerRecord, vm: Present) -> Reported:
     """What the VM has now, in the units of the container's last request."""
     period = rec.cpu_period if rec.cpu_period > 0 else DEFAULT_CPU_PERIOD
     if rec.cpu_quota > 0 and _ceil_div(rec.cpu_quota, period) == vm.vcpus:
@@ -175,7 +185,7 @@ class Resizer:
         """What the VM has now; None when libvirt cannot tell (then nothing is reported
         rather than a guess)."""
         try:
-            vm = self._vms.read(rec.id, rec.sandbox_id)
+            vm = self._vms.present(rec.id, rec.sandbox_id)
         except RuntimeError_ as e:
             log.debug("size of %s unknown: %s", rec.id, e, extra={"CONTAINER_ID": rec.id})
             return None

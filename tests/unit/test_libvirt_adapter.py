@@ -241,3 +241,35 @@ def test_health_probe_that_hangs_is_wedged() -> None:
     while health.wedged() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert health.condition.ok
+
+
+def test_ownership_reads_our_metadata_element_alone() -> None:
+    """Domains._owned reads only our <metadata> element (virDomainGetMetadata, which hands
+    it back without its namespace): the same DomainMetadata as parsing the whole XML; None
+    for a domain with no metadata of ours (none at all, or another namespace's)."""
+    import uuid as uuid_mod
+
+    from arktos_vm_runtime.adapters.domain_xml import METADATA_NS, parse_metadata
+    from arktos_vm_runtime.adapters.libvirt_domains import _our_metadata
+
+    conn = libvirt.open("test:///default")
+    ours = (f"<avr:pod xmlns:avr='{METADATA_NS}'><avr:sandbox-id>sb-1</avr:sandbox-id>"
+            "<avr:name>web</avr:name><avr:attempt>2</avr:attempt>"
+            "<avr:instance>inst-9</avr:instance></avr:pod>")
+    other = "<o:pod xmlns:o='https://example.invalid/other'><o:sandbox-id>x</o:sandbox-id></o:pod>"
+    made = []
+    try:
+        for meta in (ours, other, ""):
+            name = f"avr-{uuid_mod.uuid4()}"
+            xml = (f"<domain type='test'><name>{name}</name><memory>1024</memory>"
+                   f"<os><type>hvm</type></os><metadata>{meta}</metadata></domain>")
+            made.append(conn.defineXML(xml))
+        got = [_our_metadata(d) for d in made]
+        assert got[0] == parse_metadata(made[0].XMLDesc(0))
+        assert got[0] is not None and (got[0].sandbox_id, got[0].pod_name, got[0].attempt,
+                                       got[0].instance) == ("sb-1", "web", 2, "inst-9")
+        assert got[1] is None and got[2] is None
+    finally:
+        for d in made:
+            d.undefine()
+        conn.close()

@@ -16,7 +16,7 @@ import libvirt
 import pytest
 
 from arktos_vm_runtime.adapters.domain_xml import DomainSpec, render_domain
-from arktos_vm_runtime.adapters.libvirt_resize import VmResources, _is_tcg
+from arktos_vm_runtime.adapters.libvirt_resize import VmPresent, VmResources, _is_tcg
 from arktos_vm_runtime.api.dispatch import api_modules
 from arktos_vm_runtime.config import Settings
 from arktos_vm_runtime.errors import InvalidArgument, NotFound
@@ -201,6 +201,28 @@ def test_a_created_vm_is_resized_in_its_config_and_read_back_after_a_restart(env
     r = again.resize.resources(again.container(cid))
     assert r is not None and (r.cpu_quota, r.memory_limit_in_bytes) == (100_000, 128 * MIB)
     again.remove_sandbox(sb.id)
+
+
+def test_what_container_status_reads_is_what_the_full_read_says(env: Env) -> None:
+    """ContainerStatus reads only virDomainGetInfo (`present`, bench/density.py measured the
+    full `read` as most of a status's cost): the same vCPUs and memory as `read`, before
+    and after a resize; nothing for a domain of another sandbox, or one that is gone."""
+    pods = env.pods(vm_max_vcpus=4, vm_max_memory_mib=1024, max_pod_vcpus=4)
+    sb = sandbox()
+    pods.run_sandbox(sb)
+    cid = pods.create_container(sb.id, container_input(
+        cpu_period=100_000, cpu_quota=200_000, memory_limit_in_bytes=300 * MIB))
+    vms = pods.resize._vms
+    for want in (VmPresent(2, 300 * 1024), VmPresent(3, 700 * 1024)):
+        full = vms.read(cid, sb.id)
+        assert full is not None
+        assert vms.present(cid, sb.id) == VmPresent(full.vcpus, full.memory_kib) == want
+        pods.resize.update(cid, ResizeRequest(100_000, 300_000, 700 * MIB))
+    rec = pods.container(cid)
+    assert pods.resize.resources(rec) == Reported(100_000, 300_000, 700 * MIB)
+    assert vms.present(cid, "f" * 64) is None  # not this sandbox's domain: not read
+    pods.remove_sandbox(sb.id)
+    assert vms.present(cid, sb.id) is None
 
 
 # --- over the socket, both API versions ------------------------------------------------------
