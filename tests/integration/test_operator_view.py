@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pty
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -30,6 +28,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon_proc import APIS, Daemon
+from tests.integration.console_pty import CLI, PtyConsole
 from tests.integration.test_network_common import CniTestNet, cni_test_network
 from tests.integration.vm_ops_common import module_tmp
 from tests.integration.vmpods import (
@@ -43,7 +42,6 @@ from tests.integration.vmpods import (
 pytestmark = pytest.mark.integration
 MARKER = "MINIMAL-GUEST-UP"
 BOOT_TIMEOUT = 120
-CLI = [sys.executable, "-m", "arktos_vm_runtime"]
 SECRET = "s3cr3t-" + secrets.token_hex(8)
 # A well-formed ed25519 public key blob (the runtime checks the key's form)
 SSH_SECRET = base64.b64encode(b"\0\0\0\x0bssh-ed25519\0\0\0\x20"
@@ -208,42 +206,8 @@ def test_cli_errors_name_what_went_wrong(pod: Pod) -> None:
         assert h.returncode == 0 and "--listen" in h.stdout, sub
 
 
-class PtyConsole:
-    """`arktos-vm-runtime console` on a pseudo-terminal, as an operator runs it."""
-
-    def __init__(self, p: Pod, *args: str) -> None:
-        self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen([*CLI, "console", *args, "--listen", p.d.socket],
-                                     stdin=slave, stdout=slave, stderr=slave,
-                                     start_new_session=True)
-        os.close(slave)
-        self.out = bytearray()
-
-    def read_until(self, what: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while what not in self.out.decode(errors="replace"):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {what!r} within {timeout} s: {bytes(self.out)!r}")
-            ready, _, _ = select.select([self.master], [], [], 0.2)
-            if ready:
-                try:
-                    self.out += os.read(self.master, 65536)
-                except OSError:  # the child closed the pty
-                    time.sleep(0.1)
-        return self.out.decode(errors="replace")
-
-    def type(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        os.close(self.master)
-
-
 def test_console_shows_the_guest_and_sends_a_line(pod: Pod) -> None:
-    con = PtyConsole(pod, "opsview")
+    con = PtyConsole(pod.d.socket, "opsview")
     try:
         con.read_until("escape character is ^]", 30)
         word = secrets.token_hex(4)
@@ -263,7 +227,7 @@ def test_console_shows_the_guest_and_sends_a_line(pod: Pod) -> None:
         r = cli(pod, "console", "default/opsview")
         assert r.returncode == 1 and "already has 1 writer" in r.stderr, r.stderr
         # ... and types alongside with it.
-        second = PtyConsole(pod, pod.sid[:8], "--force")
+        second = PtyConsole(pod.d.socket, pod.sid[:8], "--force")
         try:
             second.read_until("escape character is ^]", 30)
             word2 = secrets.token_hex(4)

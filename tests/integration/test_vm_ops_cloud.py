@@ -18,6 +18,7 @@ import pytest
 from tests.daemon_proc import APIS, Daemon
 from tests.go_client import spdyclient
 from tests.guest.images import cloud_guest_image
+from tests.integration.console_pty import PtyConsole
 from tests.integration.vm_ops_common import StateWatch, VmPod, code_of, vm_pod
 from tests.integration.vmpods import (
     log_text,
@@ -149,6 +150,34 @@ def test_attach_sees_the_login_prompt_and_types_a_line(guest: Guest) -> None:
     wait_for("the typed name in the CRI log", lambda: "avr-attach-user" in log_text(guest.log),
              20)
     assert _uptime(guest) is not None, "the VM runs on after the attacher left"
+
+
+def test_node_console_shows_the_login_prompt_and_sends_a_line(guest: Guest) -> None:
+    """`arktos-vm-runtime console POD` on a node, under a pty: the Debian guest's getty
+    answers an Enter with its login prompt, a typed name is echoed and the password prompt
+    follows; Ctrl-] detaches and the VM runs on."""
+    con = PtyConsole(guest.d.socket, "ops-cloud")
+    try:
+        con.read_until("escape character is ^]", 30)
+        for _ in range(20):  # each Enter asks again (a getty may be restarting)
+            con.type(b"\r")
+            try:
+                con.read_until("login: ", 3)
+                break
+            except AssertionError:
+                pass
+        seen = len(con.read_until("login: ", 1))
+        con.type(b"avr-node-console\r")
+        con.read_until("Password: ", 30)
+        assert "avr-node-console" in con.out.decode(errors="replace")[seen:]
+        con.type(b"\r")
+        con.type(b"\x1d")
+        assert con.proc.wait(15) == 0
+    finally:
+        con.close()
+    wait_for("the typed name in the CRI log", lambda: "avr-node-console" in log_text(guest.log),
+             20)
+    assert _uptime(guest) is not None
 
 
 def test_port_forward_to_a_server_in_the_debian_guest(guest: Guest) -> None:
