@@ -136,8 +136,11 @@ def test_setup_makes_netns_bridge_tap_and_dhcp_then_teardown_leaves_nothing(
         br = ipj("addr", "show", "dev", "avbr0", netns=ns)[0]
         assert [(a["local"], a["prefixlen"]) for a in br["addr_info"]] == \
             [(dhcp.SERVER_ADDRESS, 32)]
-        # no route in the pod namespace any more: it is not a host on the pod network
-        assert ipj("-4", "route", "show", netns=ns) == []
+        # no route to the pod network in the namespace (it is not a host on it), only the
+        # guest's own address on the link, from the bridge's: PortForward's way in
+        assert [(r["dst"], r["dev"], r["scope"], r.get("prefsrc"))
+                for r in ipj("-4", "route", "show", netns=ns)] == \
+            [(pod.ip, "avbr0", "link", dhcp.SERVER_ADDRESS)]
         tap = ipj("-d", "link", "show", "dev", spec.target_dev)[0]
         assert tap["linkinfo"]["info_kind"] == "tun"
         assert "NO-CARRIER" in tap["flags"]  # nobody opened it yet
