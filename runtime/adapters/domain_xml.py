@@ -297,11 +297,20 @@ def parse_metadata(domain_xml: str) -> DomainMetadata | None:
     """Our `<metadata>` element from a domain's XML, or None if the domain is not ours."""
     root = ET.fromstring(domain_xml)
     pod = root.find(f"./metadata/{{{METADATA_NS}}}pod")
-    if pod is None:
-        return None
+    return None if pod is None else _read_pod(pod)
+
+
+def parse_metadata_element(element_xml: str) -> DomainMetadata:
+    """Our `<pod>` element as virDomainGetMetadata returns it (libvirt gives it back
+    without its namespace; with one, it is read the same)."""
+    return _read_pod(ET.fromstring(element_xml))
+
+
+def _read_pod(pod: ET.Element) -> DomainMetadata:
+    ns = pod.tag[:pod.tag.index("}") + 1] if pod.tag.startswith("{") else ""
 
     def text(tag: str) -> str:
-        el = pod.find(f"{{{METADATA_NS}}}{tag}")
+        el = pod.find(f"{ns}{tag}")
         return "" if el is None or el.text is None else el.text
 
     attempt = text("attempt")

@@ -16,13 +16,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 
 import libvirt
 
 from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable
-from .domain_xml import METADATA_NS, DomainMetadata, not_owned, parse_metadata
+from .domain_xml import (
+    METADATA_NS,
+    DomainMetadata,
+    not_owned,
+    parse_metadata,
+    parse_metadata_element,
+)
 from .libvirt_conn import LibvirtConnection, translate
 
 log = logging.getLogger(__name__)
@@ -98,15 +103,7 @@ def _our_metadata(dom: libvirt.virDomain) -> DomainMetadata | None:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
             return None
         raise
-    # libvirt hands the element back without its namespace: put it back, then read it as
-    # it stands in the domain XML.
-    pod = ET.fromstring(element)
-    for el in pod.iter():
-        if not el.tag.startswith("{"):
-            el.tag = f"{{{METADATA_NS}}}{el.tag}"
-    root = ET.Element("domain")
-    ET.SubElement(root, "metadata").append(pod)
-    return parse_metadata(ET.tostring(root, encoding="unicode"))
+    return parse_metadata_element(element)
 
 
 def domain_name(uuid: str) -> str:
