@@ -33,12 +33,12 @@ from .client import Client, CliError
 from .views import pod_rows
 
 
-def _config(c: Client | None, config_file: str | None) -> tuple[dict[str, Any], str]:
-    if c is not None:
+def _config(status: dict[str, str] | None,
+            config_file: str | None) -> tuple[dict[str, Any], str]:
+    if status is not None:
         try:
-            info = c.status_info()
-            return json.loads(info.get("config", "{}")), "Status verbose info of the daemon"
-        except (CliError, ValueError):
+            return json.loads(status.get("config", "{}")), "Status verbose info of the daemon"
+        except ValueError:
             pass
     if config_file:
         from ..config import build
@@ -57,7 +57,14 @@ def collect(c: Client | None, config_file: str | None,
     manifest: list[str] = [f"arktos-vm-runtime {__version__} diagnose, "
                            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, "
                            f"host {platform.node()}"]
-    settings, source = _config(c, config_file)
+    status: dict[str, str] | None = None
+    status_error = "the daemon did not answer"
+    if c is not None:
+        try:
+            status = c.status_info()
+        except CliError as e:
+            status_error = str(e)
+    settings, source = _config(status, config_file)
     files["config.json"] = json.dumps(settings, indent=2, sort_keys=True)
     manifest.append(f"config.json: from {source}")
 
@@ -67,17 +74,16 @@ def collect(c: Client | None, config_file: str | None,
     files["state.json"] = json.dumps(state, indent=2, sort_keys=True)
     manifest.append(f"state.json: {state_dir / 'state.db'} read-only, secrets redacted")
 
-    if c is not None:
+    if c is not None and status is not None:
         try:
-            info = c.status_info()
-            info.pop("config", None)
-            files["status.json"] = json.dumps(info, indent=2, sort_keys=True)
+            files["status.json"] = json.dumps(
+                {k: v for k, v in status.items() if k != "config"}, indent=2, sort_keys=True)
             files["pods.json"] = json.dumps(pod_rows(c), indent=2, sort_keys=True)
             manifest.append("status.json, pods.json: from the daemon over its socket")
         except CliError as e:
             manifest.append(f"status.json, pods.json: not read: {e}")
     else:
-        manifest.append("status.json, pods.json: not read: the daemon did not answer")
+        manifest.append(f"status.json, pods.json: not read: {status_error}")
 
     got = host_facts.journal()
     if got is not None:
