@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -32,43 +30,14 @@ import libvirt
 from prometheus_client.parser import text_string_to_metric_families
 
 from arktos_vm_runtime.adapters.domain_stats import FLAGS, STATS
-from bench.stats_cost import cleanup, row, timed
+from bench.fleet import cpu_s
+from bench.stats_cost import cleanup, row, start_pods, timed
 from tests.daemon_proc import APIS, Daemon
 from tests.guest.images import minimal_guest
 from tests.integration.test_network_common import PLUGINS, cni_test_network
-from tests.integration.vmpods import container_config, image_server, log_text, sandbox_config
+from tests.integration.vmpods import image_server
 
-MARKER = "MINIMAL-GUEST-UP"
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_pods(d: Daemon, image: str, n: int, sids: list[str], memory_mib: int) -> None:
-    pb, _ = APIS["v1alpha2"]
-    rt = d.runtime("v1alpha2")
-    logs = []
-    for i in range(n):
-        log_dir = d.pod_logs / f"pod{i}"
-        cfg = sandbox_config(pb, log_dir, name=f"scrape-{i}")
-        sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=120).pod_sandbox_id
-        sids.append(sid)
-        cid = rt.CreateContainer(pb.CreateContainerRequest(
-            pod_sandbox_id=sid, sandbox_config=cfg,
-            config=container_config(pb, image, memory_mib=memory_mib)),
-            timeout=120).container_id
-        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
-        logs.append(log_dir / "vm" / "0.log")
-    deadline = time.monotonic() + 300 + 10 * n
-    while not all(MARKER in log_text(p) for p in logs):
-        if time.monotonic() > deadline:
-            late = [p for p in logs if MARKER not in log_text(p)]
-            raise SystemExit(f"{len(late)} of {n} guests did not come up in time; the first's "
-                             f"console: {log_text(late[0])[-1500:]!r}")
-        time.sleep(1)
 
 
 def synthetic(pods: int, scrapes: int) -> None:
@@ -141,7 +110,7 @@ def main() -> None:
                 a2, _ = APIS["v1alpha2"]
                 d.images("v1alpha2").PullImage(a2.PullImageRequest(
                     image=a2.ImageSpec(image=image)), timeout=600)
-                start_pods(d, image, args.pods, sids, args.memory_mib)
+                start_pods(d, image, args.pods, sids, args.memory_mib, name="scrape")
 
                 def scrape() -> bytes:
                     with urllib.request.urlopen(url, timeout=60) as r:
@@ -156,9 +125,9 @@ def main() -> None:
                       f"({args.memory_mib} MiB), {args.scrapes} scrapes (TCG, 2 cores shared): "
                       f"page {len(page)} bytes, {series} series", flush=True)
                 pid = d.proc.pid
-                cpu0 = cpu_seconds(pid)
+                cpu0 = cpu_s(pid)
                 rows.append(row(f"GET /metrics, {args.pods} pods", timed(scrape, args.scrapes)))
-                cpu = (cpu_seconds(pid) - cpu0) / (args.scrapes + 3) * 1000
+                cpu = (cpu_s(pid) - cpu0) / (args.scrapes + 3) * 1000
                 print(f"  daemon CPU per scrape (all threads, /proc)            {cpu:7.2f} ms",
                       flush=True)
                 conn = libvirt.open("qemu:///system")

@@ -58,25 +58,30 @@ def row(name: str, ms: list[float]) -> dict[str, float | str]:
     return r
 
 
-def start_pods(d: Daemon, image: str, n: int, sids: list[str]) -> None:
-    """Starts n pods, their ids appended to `sids` as they are made (for the cleanup)."""
+def start_pods(d: Daemon, image: str, n: int, sids: list[str], memory_mib: int = 128,
+               name: str = "stats") -> None:
+    """Starts n pods, their ids appended to `sids` as they are made (for the cleanup), and
+    waits for every guest's marker."""
     pb, _ = APIS["v1alpha2"]
     rt = d.runtime("v1alpha2")
     logs = []
     for i in range(n):
         log_dir = d.pod_logs / f"pod{i}"
-        cfg = sandbox_config(pb, log_dir, name=f"stats-{i}")
-        sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60).pod_sandbox_id
+        cfg = sandbox_config(pb, log_dir, name=f"{name}-{i}")
+        sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=120).pod_sandbox_id
         sids.append(sid)
         cid = rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=sid, sandbox_config=cfg,
-            config=container_config(pb, image, memory_mib=128)), timeout=120).container_id
+            config=container_config(pb, image, memory_mib=memory_mib)),
+            timeout=120).container_id
         rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=120)
         logs.append(log_dir / "vm" / "0.log")
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + max(600, 300 + 10 * n)
     while not all(MARKER in log_text(p) for p in logs):
         if time.monotonic() > deadline:
-            raise SystemExit("the guests did not come up within 600 s")
+            late = [p for p in logs if MARKER not in log_text(p)]
+            raise SystemExit(f"{len(late)} of {n} guests did not come up in time; the first's "
+                             f"console: {log_text(late[0])[-1500:]!r}")
         time.sleep(1)
 
 
