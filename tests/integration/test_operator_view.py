@@ -29,13 +29,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon_proc import APIS, Daemon
 from tests.integration.console_pty import CLI, PtyConsole
-from tests.integration.test_network_common import CniTestNet, cni_test_network
-from tests.integration.vm_ops_common import module_tmp
+from tests.integration.test_network_common import CniTestNet
+from tests.integration.vm_ops_common import vm_pod
 from tests.integration.vmpods import (
-    container_config,
     log_text,
-    sandbox_config,
-    vm_runtime,
     wait_for,
 )
 
@@ -70,33 +67,13 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def pod(served_minimal_image: str) -> Iterator[Pod]:
     port = free_port()
-    with module_tmp() as tmp, cni_test_network() as net:
-        d = vm_runtime(tmp, net, "--metrics-port", str(port)).start()
-        pb, _ = APIS["v1alpha2"]
-        rt = d.runtime("v1alpha2")
-        sid = ""
-        try:
-            d.images("v1alpha2").PullImage(
-                pb.PullImageRequest(image=pb.ImageSpec(image=served_minimal_image)), timeout=60)
-            cfg = sandbox_config(pb, tmp / "pods", name="opsview", annotations={
-                "VirtletCloudInitUserData": f"users:\n- name: ops\n  passwd: {SECRET}\n",
-                "VirtletSSHKeys": f"ssh-ed25519 {SSH_SECRET} ops@node"})
-            sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                   timeout=60).pod_sandbox_id
-            cid = rt.CreateContainer(pb.CreateContainerRequest(
-                pod_sandbox_id=sid, config=container_config(
-                    pb, served_minimal_image, envs={"DB_PASSWORD": ENV_SECRET}),
-                sandbox_config=cfg), timeout=60).container_id
-            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-            log = tmp / "pods" / "vm" / "0.log"
-            wait_for("the guest's marker", lambda: MARKER in log_text(log), BOOT_TIMEOUT)
-            yield Pod(d, sid, cid, log, f"http://127.0.0.1:{port}/metrics",
-                      served_minimal_image, tmp, net)
-        finally:
-            if sid:
-                rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=sid),
-                                    timeout=60)
-            d.stop()
+    with vm_pod(served_minimal_image, name="opsview", ready_timeout=BOOT_TIMEOUT,
+                daemon_args=("--metrics-port", str(port)), annotations={
+                    "VirtletCloudInitUserData": f"users:\n- name: ops\n  passwd: {SECRET}\n",
+                    "VirtletSSHKeys": f"ssh-ed25519 {SSH_SECRET} ops@node"},
+                envs={"DB_PASSWORD": ENV_SECRET}) as p:
+        yield Pod(p.d, p.sid, p.cid, p.log, f"http://127.0.0.1:{port}/metrics", p.image,
+                  p.tmp, p.net)
 
 
 def cli(p: Pod, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from tests.daemon_proc import APIS, Daemon
-from tests.integration.test_network_common import cni_test_network
+from tests.integration.test_network_common import CniTestNet, cni_test_network
 from tests.integration.vmpods import (
     container_config,
     image_server,
@@ -49,6 +49,7 @@ class VmPod:
     sid: str
     cid: str
     log: Path  # the container's CRI log
+    net: CniTestNet  # the test CNI network the pod is on
 
 
 @contextmanager
@@ -70,7 +71,9 @@ def minimal_ready(pod: VmPod) -> bool:
 @contextmanager
 def vm_pod(image: str | Path, *, name: str, api: str = "v1alpha2",
            ready: Callable[[VmPod], bool] = minimal_ready, ready_timeout: float = 120,
-           memory_mib: int = 256, daemon_args: tuple[str, ...] = ()) -> Iterator[VmPod]:
+           memory_mib: int = 256, daemon_args: tuple[str, ...] = (),
+           annotations: dict[str, str] | None = None,
+           envs: dict[str, str] | None = None) -> Iterator[VmPod]:
     """The daemon on a test CNI network with one pod booted through `api` (pull, run the
     sandbox, create and start the VM), yielded once `ready(pod)`; the pod is removed and
     the daemon stopped on the way out, whatever happened."""
@@ -82,15 +85,15 @@ def vm_pod(image: str | Path, *, name: str, api: str = "v1alpha2",
         try:
             d.images(api).PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=url)),
                                     timeout=300)
-            cfg = sandbox_config(pb, tmp / "pods", name=name)
+            cfg = sandbox_config(pb, tmp / "pods", annotations=annotations, name=name)
             sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
                                    timeout=60).pod_sandbox_id
             cid = rt.CreateContainer(pb.CreateContainerRequest(
                 pod_sandbox_id=sid, sandbox_config=cfg,
-                config=container_config(pb, url, memory_mib=memory_mib)),
+                config=container_config(pb, url, memory_mib=memory_mib, envs=envs)),
                 timeout=120).container_id
             rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
-            pod = VmPod(d, tmp, url, sid, cid, tmp / "pods" / "vm" / "0.log")
+            pod = VmPod(d, tmp, url, sid, cid, tmp / "pods" / "vm" / "0.log", net)
             wait_for("the guest to be ready", lambda: ready(pod), ready_timeout, every=0.5)
             yield pod
         finally:
