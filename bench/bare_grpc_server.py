@@ -1,15 +1,22 @@
-"""A bare grpcio server of RuntimeService.Version in its own process (no runtime code): the
-baseline of bench/call_cost.py, in the daemon's server model (grpc.aio) or grpcio's
-classic thread-pool server.
+"""Bare grpcio servers in their own process (no runtime code), the baselines of the call
+benches: RuntimeService.Version in the daemon's server model (grpc.aio) or grpcio's classic
+thread-pool server (bench/call_cost.py); and `replay`, grpc.aio answering each call with the
+bytes the daemon answered the same request with (recorded by bench/relist.py, a JSON file
+of {method path: {base64 request: base64 response}}): the floor of what serving the
+kubelet's relist costs in Python gRPC, with the daemon's own answers.
 
     .venv/bin/python -m bench.bare_grpc_server SOCKET {aio,sync}
+    .venv/bin/python -m bench.bare_grpc_server SOCKET replay ANSWERS.json
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import sys
 from concurrent import futures
+from typing import Any
 
 import grpc
 
@@ -39,8 +46,34 @@ async def serve_aio(sock: str) -> None:
     await server.wait_for_termination()
 
 
+def _replay_handler(table: dict[bytes, bytes]) -> grpc.RpcMethodHandler:
+    async def answer(request: bytes, context: Any) -> bytes:  # no (de)serializer: bytes
+        return table[request]
+    return grpc.unary_unary_rpc_method_handler(answer)
+
+
+async def serve_replay(sock: str, answers_file: str) -> None:
+    with open(answers_file) as f:
+        recorded = json.load(f)
+    by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for path, table in recorded.items():  # "/runtime.v1.RuntimeService/ListContainers"
+        service, method = path.strip("/").split("/")
+        by_service.setdefault(service, {})[method] = _replay_handler(
+            {base64.b64decode(k): base64.b64decode(v) for k, v in table.items()})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(tuple(
+        grpc.method_handlers_generic_handler(service, methods)
+        for service, methods in by_service.items()))
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    await server.wait_for_termination()
+
+
 def main() -> None:
     sock, kind = sys.argv[1], sys.argv[2]
+    if kind == "replay":
+        asyncio.run(serve_replay(sock, sys.argv[3]))
+        return
     if kind == "aio":
         asyncio.run(serve_aio(sock))
         return

@@ -173,7 +173,8 @@ class RuntimeFleet:
     sids: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start_pod(self, i: int, api: str = "v1alpha2") -> Pod:
+    def start_pod(self, i: int, api: str = "v1alpha2", start: bool = True) -> Pod:
+        """RunPodSandbox, CreateContainer and (unless not `start`) StartContainer."""
         pb, _ = APIS[api]
         rt = self.d.runtime(api)
         log_dir = self.d.pod_logs / f"pod{i}"
@@ -186,7 +187,8 @@ class RuntimeFleet:
             pod_sandbox_id=sid, sandbox_config=cfg,
             config=container_config(pb, self.image, memory_mib=self.memory_mib)),
             timeout=300).container_id
-        rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
+        if start:
+            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
         pod = Pod(i, sid, cid, log_dir / "vm" / "0.log", t0, time.monotonic() - t0)
         with self.lock:
             self.pods.append(pod)

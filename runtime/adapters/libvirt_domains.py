@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Iterator
 
 import libvirt
@@ -154,6 +155,10 @@ class Domains:
         #: this runtime instance's id, written into the metadata of every domain it defines
         self.instance = instance
         self._listeners: list[Callable[[LifecycleEvent], None]] = []
+        # Handles of domains found ours, by UUID, with the connection and sandbox they were
+        # checked for: `owned_for_reads` (see there). Dropped when the domain is undefined.
+        self._handles: dict[str, tuple[libvirt.virConnect, str, libvirt.virDomain]] = {}
+        self._handles_lock = threading.Lock()
         conn.on_open(self._subscribe)
 
     # -- events ---------------------------------------------------------------------------
@@ -175,6 +180,9 @@ class Domains:
                 if not name.startswith(PREFIX):
                     return
                 uuid = dom.UUIDString()
+            if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
+                self.forget(uuid)
+                return
             if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
                 ev = LifecycleEvent(uuid, started=True)
             elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
@@ -217,6 +225,29 @@ class Domains:
         act on our domains: snapshots, the guest agent, resize); None otherwise, logged when it is
         not ours."""
         return self._owned(uuid, sandbox_id, what)
+
+    def owned_for_reads(self, uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
+        """As `owned`, for a read repeated every second (ContainerStatus's size): a domain
+        once found ours is remembered for this connection, so the next read skips the lookup
+        and the metadata read (two of its three libvirt calls). Sound because the UUID is
+        one this instance made: no one else can define it while ours exists (`define_new`),
+        and the handle is dropped when the domain is undefined (our `undefine`, libvirt's
+        UNDEFINED event) or the read finds it gone (the caller calls `forget`). Only reads
+        use it; what changes a domain checks ownership each time."""
+        conn = self._conn.get()
+        with self._handles_lock:
+            hit = self._handles.get(uuid)
+        if hit is not None and hit[0] is conn and hit[1] == sandbox_id:
+            return hit[2]
+        dom = self._owned(uuid, sandbox_id, what)
+        if dom is not None:
+            with self._handles_lock:
+                self._handles[uuid] = (conn, sandbox_id, dom)
+        return dom
+
+    def forget(self, uuid: str) -> None:
+        with self._handles_lock:
+            self._handles.pop(uuid, None)
 
     def foreign(self, uuid: str, sandbox_id: str) -> bool:
         """Whether libvirt has a domain with this UUID that is not this instance's domain
@@ -298,6 +329,7 @@ class Domains:
                 dom.destroy()
 
     def undefine(self, uuid: str, sandbox_id: str) -> None:
+        self.forget(uuid)
         dom = self._owned(uuid, sandbox_id, "removing")
         if dom is None:
             return

@@ -88,15 +88,17 @@ class DomainResizer:
         """The vCPUs present and the memory the guest holds now, as `read` gives them (the
         same virDomainGetInfo), without the maxima and the balloon target: ContainerStatus
         calls this once per container a second, and `read`'s three more libvirt calls and
-        inactive-XML parse were most of its cost (bench/density.py). None when the domain
-        is gone or not ours."""
-        dom = self._domains.owned(uuid, sandbox_id, "reading the size of")
+        inactive-XML parse were most of its cost (bench/density.py); the ownership check is
+        made once per domain (`Domains.owned_for_reads`), so a read is one libvirt call.
+        None when the domain is gone or not ours."""
+        dom = self._domains.owned_for_reads(uuid, sandbox_id, "reading the size of")
         if dom is None:
             return None
         try:
             with call("reading the VM's vCPUs and memory", uuid):
                 _state, _max_kib, mem_kib, vcpus, _cpu = dom.info()
         except NotFound:
+            self._domains.forget(uuid)
             return None
         return VmPresent(vcpus, mem_kib)
 

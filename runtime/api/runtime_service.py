@@ -38,6 +38,8 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingR
     def __init__(self, core: Core, pools: Pools) -> None:
         self.core = core
         self.pools = pools
+        self._sandbox_msgs = convert.MessageCache(convert.sandbox)
+        self._container_msgs = convert.MessageCache(convert.container)
 
     async def Version(self, request: Any, call: Call) -> Any:
         return call.pb.VersionResponse(
@@ -100,9 +102,11 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingR
 
     async def ListPodSandbox(self, request: Any, call: Call) -> Any:
         f = request.filter
-        return call.pb.ListPodSandboxResponse(items=[
-            convert.sandbox(call, sb) for sb in self.core.pods.sandboxes()
-            if convert.matches(f, sb.id, call.pb.PodSandboxState.Value(sb.state), sb.labels)])
+        every = convert.matches_all(f)
+        sandboxes = [sb for sb in self.core.pods.sandboxes() if every or convert.matches(
+            f, sb.id, call.pb.PodSandboxState.Value(sb.state), sb.labels)]
+        return call.pb.ListPodSandboxResponse(
+            items=self._sandbox_msgs.messages(call, sandboxes, every))
 
     # -- containers -----------------------------------------------------------------------
 
@@ -143,10 +147,12 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingR
 
     async def ListContainers(self, request: Any, call: Call) -> Any:
         f = request.filter
-        return call.pb.ListContainersResponse(containers=[
-            convert.container(call, c) for c in self.core.pods.containers()
-            if (not f.pod_sandbox_id or c.sandbox_id == f.pod_sandbox_id)
-            and convert.matches(f, c.id, call.pb.ContainerState.Value(c.state), c.labels)])
+        every = convert.matches_all(f) and not f.pod_sandbox_id
+        containers = [c for c in self.core.pods.containers() if every or (
+            (not f.pod_sandbox_id or c.sandbox_id == f.pod_sandbox_id)
+            and convert.matches(f, c.id, call.pb.ContainerState.Value(c.state), c.labels))]
+        return call.pb.ListContainersResponse(
+            containers=self._container_msgs.messages(call, containers, every))
 
     async def ContainerStatus(self, request: Any, call: Call) -> Any:
         c = self.core.pods.container(request.container_id)

@@ -14,6 +14,7 @@ import pytest
 
 from arktos_vm_runtime.adapters.domain_xml import render_domain
 from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection, translate
+from arktos_vm_runtime.adapters.libvirt_resize import DomainResizer
 from arktos_vm_runtime.adapters.libvirt_domains import (
     Domains,
     LifecycleEvent,
@@ -273,3 +274,38 @@ def test_ownership_reads_our_metadata_element_alone() -> None:
         for d in made:
             d.undefine()
         conn.close()
+
+
+def test_size_reads_check_ownership_once_per_domain(domains: Domains, cid: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """ContainerStatus's size read: the ownership check is made once per domain; a domain
+    gone, undefined, or redefined by someone else is checked (and refused) again."""
+    checks: list[str] = []
+    real = domains._owned
+
+    def counted(uuid: str, sandbox_id: str, what: str) -> libvirt.virDomain | None:
+        checks.append(sandbox_id)
+        return real(uuid, sandbox_id, what)
+
+    monkeypatch.setattr(domains, "_owned", counted)
+    resizer = DomainResizer(domains)
+    domains.define_new(cid, our_xml(cid))
+    first = resizer.present(cid, "sb-1")
+    assert first is not None and first.vcpus >= 1 and first.memory_kib == 64 * 1024
+    assert resizer.present(cid, "sb-1") == first
+    assert checks == ["sb-1"]  # the second read used the kept handle
+    assert resizer.present(cid, "sb-other") is None  # another sandbox's record: not ours
+    assert checks == ["sb-1", "sb-other"]
+
+    conn = libvirt.open(URI)
+    conn.lookupByUUIDString(cid).undefine()  # behind the runtime's back
+    assert resizer.present(cid, "sb-1") is None
+    conn.defineXML(our_xml(cid, instance="other-instance"))  # the same UUID, not ours
+    assert resizer.present(cid, "sb-1") is None
+    assert checks[-1] == "sb-1"  # checked again, whether the UNDEFINED event came first
+    conn.lookupByUUIDString(cid).undefine()
+
+    domains.define_new(cid, our_xml(cid))
+    assert resizer.present(cid, "sb-1") is not None
+    domains.undefine(cid, "sb-1")  # ours: the kept handle goes with it
+    assert resizer.present(cid, "sb-1") is None
