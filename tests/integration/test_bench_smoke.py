@@ -97,11 +97,30 @@ def test_density_relist_and_the_plot(bench: Bench) -> None:
         assert cp["pods"] == n
         for api in ("v1alpha2", "v1"):
             assert cp[api]["pair_ms"]["n"] == 10 and cp[api]["container_status_ms"]["n"] == n
+            assert cp[api]["pod_sandbox_status_ms"]["n"] == n
         assert cp["listAllDomains_ms"]["n"] == 10
-    assert rel["cpu"]["pods"] == 3 and rel["cpu"]["relisting_cpu_pct"] >= 0
+    assert_cpu_figures(rel["cpu"], 3)
     png = bench.results / "density.png"
     bench.run("plot_density", str(bench.results / "density.json"), "-o", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def assert_cpu_figures(cpu: dict[str, Any], pods: int) -> None:
+    """The daemon and the bare replay server were each measured under every load."""
+    assert cpu["pods"] == pods, cpu
+    for side in ("", "bare_"):
+        for load in ("idle", "pair", "arktos", "statuses"):
+            assert cpu[f"{side}{load}_cpu_pct"] >= 0, cpu
+
+
+def test_relist_alone_on_defined_vms(bench: Bench) -> None:
+    out = bench.run("relist", "--pods", "2", "--relist-rounds", "5", "--status-rounds", "1",
+                    "--cpu-seconds", "1")
+    assert "VMs defined, not started" in out, out
+    d = bench.json("relist-defined")
+    assert d["measure"]["pods"] == 2 and d["measure"]["v1"]["container_status_ms"]["n"] == 2
+    assert_cpu_figures(d["cpu"], 2)
+    assert d["daemon_rss_mib"] > 0
 
 
 def test_parallel_start(bench: Bench) -> None:
