@@ -21,7 +21,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_network_common import link_names, netns_names, require_root_tools
+from arktos_vm_runtime.adapters import vmnet
+from tests.integration.test_network_common import (
+    MADE_LOG,
+    link_names,
+    netns_names,
+    require_root_tools,
+)
 from tests.integration.vmpods import domain_names, require_libvirtd
 
 TOP = Path(__file__).resolve().parents[2]
@@ -32,10 +38,11 @@ class Bench:
         # short: libvirt refuses a unix socket path (the VM's agent.sock) past 107 bytes
         self.scratch = root / "s"
         self.results = root / "r"
+        self.made_log = root / "made"
         self.scratch.mkdir()
         self.scratch.chmod(0o755)  # QEMU's user reaches the disks below
         self.env = dict(os.environ, AVR_BENCH_TMP=str(self.scratch),
-                        AVR_BENCH_RESULTS=str(self.results))
+                        AVR_BENCH_RESULTS=str(self.results), **{MADE_LOG: str(self.made_log)})
 
     def popen(self, name: str, *args: str) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", f"bench.{name}", *args], cwd=TOP,
@@ -52,9 +59,26 @@ class Bench:
         return json.loads((self.results / f"{name}.json").read_text())
 
 
-def host_objects() -> set[str]:
-    return ({f"domain {n}" for n in domain_names()} | {f"netns {n}" for n in netns_names()}
-            | {f"link {n}" for n in link_names()})
+def left_behind(root: Path, made_log: Path) -> list[str]:
+    """What the benches run by this test made and did not remove: the namespaces, links
+    and pod namespaces and taps their helpers noted in `made_log` (MADE_LOG), and the
+    domains whose disks are under `root`. Another runtime instance on the host is not
+    counted."""
+    made = [line.split(" ", 1) for line in made_log.read_text().splitlines()] \
+        if made_log.exists() else []
+    uids = {n for k, n in made if k == "uid"}
+    netns = {n for k, n in made if k == "netns"} | {f"avr-{u}" for u in uids}
+    links = {n for k, n in made if k == "link"}
+    taps = tuple(vmnet.tap_name(u, 0)[:-1] for u in uids)
+    left = [f"netns {n}" for n in sorted(netns_names() & netns)]
+    left += [f"link {n}" for n in sorted(link_names())
+             if n in links or (taps and n.startswith(taps))]
+    for name in domain_names():
+        xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", name],
+                             capture_output=True, text=True).stdout  # gone meanwhile: ""
+        if str(root) in xml:
+            left.append(f"domain {name}")
+    return left
 
 
 @pytest.fixture
@@ -63,11 +87,10 @@ def bench() -> Iterator[Bench]:
     require_root_tools()
     root = Path(tempfile.mkdtemp(prefix="avs-", dir="/tmp"))
     root.chmod(0o755)
-    before = host_objects()
     b = Bench(root)
     try:
         yield b
-        left = sorted(host_objects() - before)
+        left = left_behind(root, b.made_log)
         assert not left, f"left behind: {left}"
         assert not list(b.scratch.iterdir()), f"scratch left: {list(b.scratch.iterdir())}"
     finally:

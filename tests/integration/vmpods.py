@@ -19,7 +19,13 @@ from typing import Any
 
 from arktos_vm_runtime.adapters import vmnet
 from tests.daemon_proc import Daemon
-from tests.integration.test_network_common import PLUGINS, CniTestNet, ipj, link_names
+from tests.integration.test_network_common import (
+    PLUGINS,
+    CniTestNet,
+    ipj,
+    link_names,
+    note_made,
+)
 
 CRI_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z stdout [FP] .*$")
 
@@ -116,6 +122,7 @@ def sandbox_config(pb: Any, log_dir: Path, annotations: dict[str, str] | None = 
                    name: str = "vm-pod") -> Any:
     uid = str(uuid.uuid4())
     ISSUED_UIDS.add(uid)
+    note_made("uid", uid)
     md = pb.PodSandboxMetadata(name=name, uid=uid, namespace="default", attempt=0)
     if "tenant" in pb.PodSandboxMetadata.DESCRIPTOR.fields_by_name:
         md.tenant = "tenant-a"

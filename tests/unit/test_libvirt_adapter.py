@@ -14,13 +14,13 @@ import pytest
 
 from arktos_vm_runtime.adapters.domain_xml import render_domain
 from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection, translate
-from arktos_vm_runtime.adapters.libvirt_resize import DomainResizer
 from arktos_vm_runtime.adapters.libvirt_domains import (
     Domains,
     LifecycleEvent,
     domain_name,
     lookup_ours,
 )
+from arktos_vm_runtime.adapters.libvirt_resize import DomainResizer
 from arktos_vm_runtime.config import Settings
 from arktos_vm_runtime.errors import (
     AlreadyExists,
