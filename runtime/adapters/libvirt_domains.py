@@ -65,6 +65,13 @@ _EVENT_STOP_DETAIL = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
 }
+# Events that may change what virDomainGetInfo says of a domain, besides the lifecycle:
+# the balloon's actual size (libvirt's own figure follows this event), devices (vCPU
+# hot-plug and unplug), tunables.
+_CHANGE_EVENTS = (libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE,
+                  libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                  libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
+                  libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE)
 # RebootVM's domainRebootFlag values that mean something for a QEMU domain.
 REBOOT_FLAGS = {
     libvirt.VIR_DOMAIN_REBOOT_DEFAULT: "default (libvirt picks the agent or ACPI)",
@@ -159,6 +166,9 @@ class Domains:
         # checked for: `owned_for_reads` (see there). Dropped when the domain is undefined.
         self._handles: dict[str, tuple[libvirt.virConnect, str, libvirt.virDomain]] = {}
         self._handles_lock = threading.Lock()
+        self._change_listeners: list[Callable[[str], None]] = []
+        # The connection on which every change event is subscribed (see watched_connection).
+        self._watched: libvirt.virConnect | None = None
         conn.on_open(self._subscribe)
 
     # -- events ---------------------------------------------------------------------------
@@ -166,10 +176,44 @@ class Domains:
     def watch(self, listener: Callable[[LifecycleEvent], None]) -> None:
         self._listeners.append(listener)
 
+    def watch_changes(self, listener: Callable[[str], None]) -> None:
+        """`listener(uuid)` whenever libvirt says one of our domains changed: any lifecycle
+        event, the balloon's size, a device (a vCPU too) added or removed, a tunable. Runs
+        on libvirt's event thread: the listener must not block."""
+        self._change_listeners.append(listener)
+
+    def watched_connection(self) -> libvirt.virConnect | None:
+        """The current connection if every change event is subscribed on it (else None):
+        what a reader keeps about a domain is valid only while it is."""
+        conn = self._conn.get()
+        return conn if conn is self._watched else None
+
     def _subscribe(self, conn: libvirt.virConnect) -> None:
         with call("subscribing to domain lifecycle events"):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                         self._on_lifecycle, None)
+        try:
+            with call("subscribing to domain change events"):
+                for event_id in _CHANGE_EVENTS:
+                    conn.domainEventRegisterAny(None, event_id, self._on_change, None)
+        except Unavailable as e:  # a driver without them: nothing is kept (see above)
+            log.warning("libvirt change events unavailable, sizes are read every time: %s",
+                        e.message)
+            return
+        self._watched = conn
+
+    def _on_change(self, _conn: libvirt.virConnect, dom: libvirt.virDomain,
+                   *_event: object) -> None:
+        # libvirt's event thread; dom.name() and UUIDString() are the handle's own fields.
+        try:
+            if dom.name().startswith(PREFIX):
+                self._changed(dom.UUIDString())
+        except Exception:
+            log.exception("handling a libvirt change event failed")
+
+    def _changed(self, uuid: str) -> None:
+        for listener in self._change_listeners:
+            listener(uuid)
 
     def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int,
                       detail: int, _opaque: object) -> None:
@@ -180,6 +224,7 @@ class Domains:
                 if not name.startswith(PREFIX):
                     return
                 uuid = dom.UUIDString()
+            self._changed(uuid)
             if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
                 self.forget(uuid)
                 return
@@ -330,6 +375,7 @@ class Domains:
 
     def undefine(self, uuid: str, sandbox_id: str) -> None:
         self.forget(uuid)
+        self._changed(uuid)  # at once, not when libvirt's UNDEFINED event comes
         dom = self._owned(uuid, sandbox_id, "removing")
         if dom is None:
             return

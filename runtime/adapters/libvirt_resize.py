@@ -1,6 +1,6 @@
 """A VM's vCPUs and memory: read from libvirt, and changed live (or in the config only).
 
-What the VM has now is libvirt's answer, never a copy: `read` gives the vCPUs present,
+What the VM has now is libvirt's answer: `read` gives the vCPUs present,
 the memory the guest holds (the balloon's actual size while it runs; the config's
 currentMemory when it does not), the balloon's target (the persistent config, which every
 change also writes) and the maxima the domain was defined with. `apply` changes a running
@@ -11,6 +11,13 @@ CPU go, and libvirt waits a few seconds for it; under TCG vCPUs are not unplugge
 guest only takes them offline); the guest agent, when the guest has one, is then asked to
 bring the present CPUs online, or as many as asked for. Memory goes through the virtio balloon:
 the target is set at once and the guest gives memory back (or takes it) at its own pace.
+
+`present`, what ContainerStatus reports once per container a second, keeps libvirt's last
+answer until libvirt says the domain changed (Domains.watch_changes: lifecycle, balloon,
+device and tunable events; libvirt's own balloon figure follows the same event), until
+`apply` changes it, for at most SIZE_MAX_AGE seconds (a change no event reports, as an
+operator's `virsh setvcpus --config` on a stopped VM, shows within that), and never across
+a reconnection to libvirt (events may have been missed meanwhile).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -29,6 +37,7 @@ from .libvirt_domains import Domains, call
 log = logging.getLogger(__name__)
 
 KIB_PER_MIB = 1024
+SIZE_MAX_AGE = 10.0  # seconds `present` keeps an answer no event has invalidated
 ONLINE_WAIT = 15.0  # seconds the guest agent is given to bring hot-plugged CPUs online
 
 
@@ -66,6 +75,19 @@ def _is_tcg(xml: str) -> bool:
 class DomainResizer:
     def __init__(self, domains: Domains) -> None:
         self._domains = domains
+        # uuid -> (the sandbox it was found ours for, when read, answer), all read on
+        # `_sizes_conn`; `_epoch` counts invalidations, so an answer read while one
+        # happened is not kept.
+        self._sizes: dict[str, tuple[str, float, VmPresent]] = {}
+        self._sizes_conn: libvirt.virConnect | None = None
+        self._epoch = 0
+        self._sizes_lock = threading.Lock()
+        domains.watch_changes(self._forget_size)
+
+    def _forget_size(self, uuid: str) -> None:
+        with self._sizes_lock:
+            self._sizes.pop(uuid, None)
+            self._epoch += 1
 
     def read(self, uuid: str, sandbox_id: str) -> VmResources | None:
         """None when the domain is gone or not ours."""
@@ -89,8 +111,17 @@ class DomainResizer:
         same virDomainGetInfo), without the maxima and the balloon target: ContainerStatus
         calls this once per container a second, and `read`'s three more libvirt calls and
         inactive-XML parse were most of its cost (bench/density.py); the ownership check is
-        made once per domain (`Domains.owned_for_reads`), so a read is one libvirt call.
-        None when the domain is gone or not ours."""
+        made once per domain (`Domains.owned_for_reads`), so a read is one libvirt call,
+        and its answer is kept until the domain changes (module docstring). None when the
+        domain is gone or not ours."""
+        conn = self._domains.watched_connection()
+        now = time.monotonic()
+        with self._sizes_lock:
+            hit = self._sizes.get(uuid) if conn is self._sizes_conn else None
+            epoch = self._epoch
+        if (conn is not None and hit is not None and hit[0] == sandbox_id
+                and now - hit[1] < SIZE_MAX_AGE):
+            return hit[2]
         dom = self._domains.owned_for_reads(uuid, sandbox_id, "reading the size of")
         if dom is None:
             return None
@@ -99,13 +130,28 @@ class DomainResizer:
                 _state, _max_kib, mem_kib, vcpus, _cpu = dom.info()
         except NotFound:
             self._domains.forget(uuid)
+            self._forget_size(uuid)
             return None
-        return VmPresent(vcpus, mem_kib)
+        vm = VmPresent(vcpus, mem_kib)
+        with self._sizes_lock:
+            if conn is not None and self._epoch == epoch:
+                if conn is not self._sizes_conn:  # a new connection: nothing before counts
+                    self._sizes.clear()
+                    self._sizes_conn = conn
+                self._sizes[uuid] = (sandbox_id, now, vm)
+        return vm
 
     def apply(self, uuid: str, sandbox_id: str, vcpus: int | None,
               memory_mib: int | None) -> None:
         """Sets the vCPUs and the memory (None: unchanged); live and in the config when
         the domain runs, in the config only when not."""
+        try:
+            self._apply(uuid, sandbox_id, vcpus, memory_mib)
+        finally:
+            self._forget_size(uuid)  # whatever libvirt took, the next status reads it
+
+    def _apply(self, uuid: str, sandbox_id: str, vcpus: int | None,
+               memory_mib: int | None) -> None:
         dom = self._domains.owned(uuid, sandbox_id, "resizing")
         if dom is None:
             raise NotFound(f"the domain of container {uuid} does not exist or is not ours")

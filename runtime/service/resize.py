@@ -12,8 +12,9 @@ per-pod quotas (max-pod-vcpus, max-pod-memory-mib, which may have been lowered s
 VM was made). Checked before anything changes; the domain is changed live and in its
 config when it runs, in its config only when it does not (adapters/libvirt_resize).
 
-What is reported is what libvirt says the VM has now (never a copy): the vCPUs present and
-the memory the guest holds (the balloon's actual size). When that equals what the last
+What is reported is what libvirt says the VM has now: the vCPUs present and the memory the
+guest holds (the balloon's actual size), libvirt's answer kept until libvirt reports a
+change to the domain or this runtime makes one (adapters/libvirt_resize, `present`). When that equals what the last
 request asked for, the request's own numbers are reported back (so the kubelet's
 comparison ends); otherwise the VM's own size in the request's units. The domain XML is
 the only place the size is kept, so it survives a restart of the daemon; the container

@@ -12,6 +12,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from arktos_vm_runtime.adapters import libvirt_resize
 from arktos_vm_runtime.adapters.domain_xml import render_domain
 from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection, translate
 from arktos_vm_runtime.adapters.libvirt_domains import (
@@ -20,7 +21,7 @@ from arktos_vm_runtime.adapters.libvirt_domains import (
     domain_name,
     lookup_ours,
 )
-from arktos_vm_runtime.adapters.libvirt_resize import DomainResizer
+from arktos_vm_runtime.adapters.libvirt_resize import DomainResizer, VmPresent
 from arktos_vm_runtime.config import Settings
 from arktos_vm_runtime.errors import (
     AlreadyExists,
@@ -280,6 +281,7 @@ def test_size_reads_check_ownership_once_per_domain(domains: Domains, cid: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """ContainerStatus's size read: the ownership check is made once per domain; a domain
     gone, undefined, or redefined by someone else is checked (and refused) again."""
+    monkeypatch.setattr(libvirt_resize, "SIZE_MAX_AGE", 0.0)  # this test: no kept answers
     checks: list[str] = []
     real = domains._owned
 
@@ -308,4 +310,34 @@ def test_size_reads_check_ownership_once_per_domain(domains: Domains, cid: str,
     domains.define_new(cid, our_xml(cid))
     assert resizer.present(cid, "sb-1") is not None
     domains.undefine(cid, "sb-1")  # ours: the kept handle goes with it
+    assert resizer.present(cid, "sb-1") is None
+
+
+def test_a_size_is_kept_until_libvirt_says_the_domain_changed(
+        domains: Domains, cid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`present` keeps libvirt's answer: a change no event reports shows after SIZE_MAX_AGE;
+    a lifecycle event, our own resize or our undefine drop it at once; another sandbox's
+    record never gets it."""
+    monkeypatch.setattr(libvirt_resize, "SIZE_MAX_AGE", 3600.0)
+    resizer = DomainResizer(domains)
+    domains.define_new(cid, our_xml(cid))
+    assert resizer.present(cid, "sb-1") == VmPresent(1, 64 * 1024)
+    resizer.apply(cid, "sb-1", None, 40)  # ours: the next read is libvirt's new answer
+    assert resizer.present(cid, "sb-1") == VmPresent(1, 40 * 1024)
+    conn = libvirt.open(URI)
+    dom = conn.lookupByUUIDString(cid)
+    dom.setMemoryFlags(48 * 1024, libvirt.VIR_DOMAIN_AFFECT_CONFIG)  # no event for this
+    assert resizer.present(cid, "sb-1") == VmPresent(1, 40 * 1024)  # kept
+    assert resizer.present(cid, "sb-other") is None  # kept for sb-1's record only
+
+    dom.create()  # STARTED: libvirt says the domain changed
+    deadline = time.monotonic() + 10
+    while resizer.present(cid, "sb-1") != VmPresent(1, 48 * 1024):
+        assert time.monotonic() < deadline, "the STARTED event did not drop the kept size"
+        time.sleep(0.05)
+
+    dom.setMemoryFlags(32 * 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    monkeypatch.setattr(libvirt_resize, "SIZE_MAX_AGE", 0.0)  # as if it had aged out
+    assert resizer.present(cid, "sb-1") == VmPresent(1, 32 * 1024)
+    domains.undefine(cid, "sb-1")
     assert resizer.present(cid, "sb-1") is None
