@@ -70,6 +70,11 @@ class LibvirtConnection:
         self._on_open: list[Any] = []
         _start_event_loop()
 
+    def current(self) -> libvirt.virConnect | None:
+        """The connection as it stands, without the lock, a liveness check or a reconnect
+        (for callers on the serving loop, which must never wait on libvirt)."""
+        return self._conn
+
     def on_open(self, callback: Any) -> None:
         """Registers callback(conn), run after each (re)connect, e.g. to subscribe events."""
         self._on_open.append(callback)

@@ -188,6 +188,12 @@ class Domains:
         conn = self._conn.get()
         return conn if conn is self._watched else None
 
+    def watched_now(self) -> libvirt.virConnect | None:
+        """As `watched_connection`, never waiting on libvirt (the connection as it stands:
+        one found dead is replaced by the next call that uses libvirt)."""
+        conn = self._conn.current()
+        return conn if conn is not None and conn is self._watched else None
+
     def _subscribe(self, conn: libvirt.virConnect) -> None:
         with call("subscribing to domain lifecycle events"):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,

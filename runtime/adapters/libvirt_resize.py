@@ -117,11 +117,10 @@ class DomainResizer:
         conn = self._domains.watched_connection()
         now = time.monotonic()
         with self._sizes_lock:
-            hit = self._sizes.get(uuid) if conn is self._sizes_conn else None
+            kept = self._kept(conn, uuid, sandbox_id, now)
             epoch = self._epoch
-        if (conn is not None and hit is not None and hit[0] == sandbox_id
-                and now - hit[1] < SIZE_MAX_AGE):
-            return hit[2]
+        if kept is not None:
+            return kept
         dom = self._domains.owned_for_reads(uuid, sandbox_id, "reading the size of")
         if dom is None:
             return None
@@ -140,6 +139,20 @@ class DomainResizer:
                     self._sizes_conn = conn
                 self._sizes[uuid] = (sandbox_id, now, vm)
         return vm
+
+    def kept(self, uuid: str, sandbox_id: str) -> VmPresent | None:
+        """`present`'s kept answer, if it holds; None otherwise (then call `present`).
+        Never calls or waits on libvirt: the serving loop answers from it."""
+        conn = self._domains.watched_now()
+        with self._sizes_lock:
+            return self._kept(conn, uuid, sandbox_id, time.monotonic())
+
+    def _kept(self, conn: libvirt.virConnect | None, uuid: str, sandbox_id: str,
+              now: float) -> VmPresent | None:
+        hit = self._sizes.get(uuid) if conn is not None and conn is self._sizes_conn else None
+        if hit is not None and hit[0] == sandbox_id and now - hit[1] < SIZE_MAX_AGE:
+            return hit[2]
+        return None
 
     def apply(self, uuid: str, sandbox_id: str, vcpus: int | None,
               memory_mib: int | None) -> None:

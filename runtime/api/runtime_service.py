@@ -156,8 +156,11 @@ class RuntimeServicer(SnapshotRpcs, VmOpsRpcs, ResizeRpcs, StatsRpcs, StreamingR
 
     async def ContainerStatus(self, request: Any, call: Call) -> Any:
         c = self.core.pods.container(request.container_id)
-        # What the VM has now, from libvirt (the kubelet resizes until it sees its limits)
-        resources = await self.pools.run(Kind.LIBVIRT, self.core.pods.resize.resources, c)
+        # What the VM has now, from libvirt (the kubelet resizes until it sees its limits):
+        # libvirt's kept answer when it holds, else read in the libvirt pool.
+        resources = self.core.pods.resize.kept_resources(c)
+        if resources is None:
+            resources = await self.pools.run(Kind.LIBVIRT, self.core.pods.resize.resources, c)
         info = {}
         if request.verbose:  # the node CLI's `pods` and `console` read it
             vm = await self.pools.run(Kind.QUICK, self.core.vm_info, c.id)

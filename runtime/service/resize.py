@@ -14,11 +14,12 @@ config when it runs, in its config only when it does not (adapters/libvirt_resiz
 
 What is reported is what libvirt says the VM has now: the vCPUs present and the memory the
 guest holds (the balloon's actual size), libvirt's answer kept until libvirt reports a
-change to the domain or this runtime makes one (adapters/libvirt_resize, `present`). When that equals what the last
-request asked for, the request's own numbers are reported back (so the kubelet's
-comparison ends); otherwise the VM's own size in the request's units. The domain XML is
-the only place the size is kept, so it survives a restart of the daemon; the container
-record keeps the last request (the units to report in) and the configured size.
+change to the domain or this runtime makes one (adapters/libvirt_resize, `present`).
+When that equals what the last request asked for, the request's own numbers are reported
+back (so the kubelet's comparison ends); otherwise the VM's own size in the request's
+units. The domain XML is the only place the size is stored, so it survives a restart of
+the daemon; the container record keeps the last request (the units to report in) and the
+configured size.
 """
 
 from __future__ import annotations
@@ -181,6 +182,12 @@ class Resizer:
         log.info("container %s resized to %s vCPUs, %s MiB (%s)", cid, t.vcpus or "same",
                  t.memory_mib or "same", "live" if vm.active else "config only",
                  extra={"CONTAINER_ID": cid})
+
+    def kept_resources(self, rec: ContainerRecord) -> Reported | None:
+        """`resources` from libvirt's kept answer, without calling libvirt; None when no
+        answer is kept (then call `resources`)."""
+        vm = self._vms.kept(rec.id, rec.sandbox_id)
+        return None if vm is None else reported(rec, vm)
 
     def resources(self, rec: ContainerRecord) -> Reported | None:
         """What the VM has now; None when libvirt cannot tell (then nothing is reported

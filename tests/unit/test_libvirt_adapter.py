@@ -321,8 +321,12 @@ def test_a_size_is_kept_until_libvirt_says_the_domain_changed(
     monkeypatch.setattr(libvirt_resize, "SIZE_MAX_AGE", 3600.0)
     resizer = DomainResizer(domains)
     domains.define_new(cid, our_xml(cid))
+    assert resizer.kept(cid, "sb-1") is None  # nothing read yet
     assert resizer.present(cid, "sb-1") == VmPresent(1, 64 * 1024)
+    assert resizer.kept(cid, "sb-1") == VmPresent(1, 64 * 1024)  # the serving loop's peek
+    assert resizer.kept(cid, "sb-other") is None
     resizer.apply(cid, "sb-1", None, 40)  # ours: the next read is libvirt's new answer
+    assert resizer.kept(cid, "sb-1") is None
     assert resizer.present(cid, "sb-1") == VmPresent(1, 40 * 1024)
     conn = libvirt.open(URI)
     dom = conn.lookupByUUIDString(cid)
