@@ -105,6 +105,12 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def host_cpu_s() -> float:
+    """CPU seconds the whole host has spent busy (every CPU, all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
 def qemu_pid(domain: str) -> int | None:
     try:
         return int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
@@ -244,13 +250,17 @@ class RuntimeFleet:
 
 
 def runtime_fleet(stack: contextlib.ExitStack, tmp: Path, memory_mib: int,
-                  max_pods: int) -> RuntimeFleet:
+                  max_pods: int, cni_record: bool = True) -> RuntimeFleet:
     """Serves the minimal guest over loopback, makes the test CNI network, starts the
-    daemon and pulls the image; all of it undone by `stack`."""
+    daemon and pulls the image; all of it undone by `stack`. `cni_record`: the network's
+    plugins are bridge + host-local followed by the tests' recording plugin (a Python
+    script); without it, bridge + host-local alone, as on a node."""
     (tmp / "img").mkdir()
     (tmp / "img" / "guest.qcow2").symlink_to(minimal_guest().disk)
     host = stack.enter_context(image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}))
     net = stack.enter_context(cni_test_network())
+    if not cni_record:
+        net.conflist(record=False)
     d = BenchDaemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir, notify=False,
                     args=["--disable-kvm", "--image-download-protocol", "http",
                           "--cni-bin-dir", str(PLUGINS), "--max-pods", str(max(max_pods, 110)),

@@ -26,7 +26,9 @@ from typing import Any
 from bench.fleet import (
     at_once,
     cleanup_stack,
+    cpu_s,
     fmt,
+    host_cpu_s,
     maybe_lock,
     raw_fleet,
     raw_wait_up,
@@ -45,20 +47,24 @@ def load() -> float:
 
 def runtime_run(args: argparse.Namespace) -> dict[str, Any]:
     with cleanup_stack() as stack:
-        fleet = runtime_fleet(stack, scratch(stack), args.memory, args.pods)
+        fleet = runtime_fleet(stack, scratch(stack), args.memory, args.pods,
+                              cni_record=args.cni_record)
         fleet.start_pod(999)  # one pod first: the image's first use and the network warm
         wait_up(fleet.pods, args.boot_timeout)
         warm = fleet.cleanup(stop_daemon=False)
         assert not warm, warm
         fleet.pods.clear()
         got: dict[str, Any] = {"load": load()}
+        assert fleet.d.proc is not None
+        pid = fleet.d.proc.pid
 
         def work() -> None:
+            c0, h0 = cpu_s(pid), host_cpu_s()
             got["wall"], got["pods"], got["errors"] = at_once(args.pods, fleet.start_pod)
-        assert fleet.d.proc is not None
+            got["daemon_cpu"], got["host_cpu"] = cpu_s(pid) - c0, host_cpu_s() - h0
         prof = None
         if args.profile:
-            prof = profile(fleet.d.proc.pid, work)
+            prof = profile(pid, work)
         else:
             work()
         wall, pods, errors = got["wall"], got["pods"], got["errors"]
@@ -68,6 +74,8 @@ def runtime_run(args: argparse.Namespace) -> dict[str, Any]:
         all_up = max((p.t0 + p.up_s for p in ok if p.up_s), default=t_up) - min(
             (p.t0 for p in ok), default=t_up)
         return {"load_before": got["load"], "wall_running_s": round(wall, 3),
+                "daemon_cpu_s": round(got["daemon_cpu"], 2),
+                "host_cpu_s": round(got["host_cpu"], 2),
                 "wall_up_s": None if args.skip_up else round(all_up, 3),
                 "per_pod_s": summary([p.api_s for p in ok]),
                 "run_sandbox_s": summary([p.run_s for p in ok]),
@@ -89,7 +97,9 @@ def raw_run(args: argparse.Namespace) -> dict[str, Any]:
         fleet.cleanup_one(first.name)
         fleet.doms.clear()
         load_before = load()
+        h0 = host_cpu_s()
         wall, doms, errors = at_once(args.pods, fleet.start)
+        host_cpu = host_cpu_s() - h0
         ok = [d for d in doms if d is not None]
         late = [] if args.skip_up else raw_wait_up(ok, args.boot_timeout)
         t_up = time.monotonic()
@@ -97,6 +107,7 @@ def raw_run(args: argparse.Namespace) -> dict[str, Any]:
             (d.t0 for d in ok), default=t_up)
         total = [d.prep_s + d.create_s for d in ok]
         return {"load_before": load_before, "wall_running_s": round(wall, 3),
+                "host_cpu_s": round(host_cpu, 2),
                 "wall_up_s": None if args.skip_up else round(all_up, 3),
                 "per_pod_s": summary(total), "prep_s": summary([d.prep_s for d in ok]),
                 "create_only_s": summary([d.create_s for d in ok]),
@@ -111,7 +122,8 @@ def sandboxes_profile(args: argparse.Namespace) -> None:
     """RunPodSandbox alone, --pods at once (no VM starts, so no lock needed), with py-spy
     on the daemon: where the runtime's extra time in a parallel start goes."""
     with cleanup_stack() as stack:
-        fleet = runtime_fleet(stack, scratch(stack), args.memory, args.pods)
+        fleet = runtime_fleet(stack, scratch(stack), args.memory, args.pods,
+                              cni_record=args.cni_record)
         fleet.start_sandbox(999)  # warm
         assert fleet.d.proc is not None
         got: dict[str, Any] = {}
@@ -140,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--native", action="store_true", help="py-spy --native")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy on the daemon while the runtime's pods start")
+    ap.add_argument("--cni-record", action="store_true",
+                    help="chain the tests' recording CNI plugin (a Python script, as runs "
+                         "before this flag did) after bridge + host-local")
     ap.add_argument("--skip-up", action="store_true",
                     help="do not wait for the guests' markers (time to RUNNING only)")
     args = ap.parse_args(argv)
@@ -156,8 +171,10 @@ def main(argv: list[str] | None = None) -> None:
                      ("baseline: raw libvirt (overlay+seed+createXML)", raw)):
         up = "" if r["wall_up_s"] is None else \
             f", all guests up after {r['wall_up_s']:.1f} s, not up {r['not_up']}"
+        daemon = f", the daemon {r['daemon_cpu_s']:.2f}" if "daemon_cpu_s" in r else ""
         print(f"{label} (load {r['load_before']}): all RUNNING after "
               f"{r['wall_running_s']:.2f} s, errors {len(r['errors'])}{up}")
+        print(f"  CPU seconds meanwhile: the host {r['host_cpu_s']:.2f}{daemon}")
         print(fmt("per VM, to RUNNING", r.pop("_api"), "s"))
         for call, values in r.pop("_calls").items():
             print(fmt(f"  of it {call}", values, "s"))
@@ -167,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     ratio = rt["wall_running_s"] / raw["wall_running_s"] if raw["wall_running_s"] else 0
     print(f"ratio runtime/raw, wall time to all RUNNING: {ratio:.2f}x (target <= 1.2x)")
     print_top(rt["profile"], 14)
-    write_json(args.name, {"config": {"pods": n, "memory_mib": args.memory},
+    write_json(args.name, {"config": {"pods": n, "memory_mib": args.memory,
+                                      "cni_plugins": ["bridge", "host-local"] + (
+                                          ["record"] if args.cni_record else [])},
                            "runtime": rt, "baseline": raw, "ratio": round(ratio, 3)})
 
 
