@@ -120,11 +120,8 @@ class NicHotplug:
                 faults.point("attach_nic.recorded", sandbox_id)
                 result = wiring.cni.add(st.config, wiring.rt(st, att))
                 faults.point("attach_nic.cni_added", sandbox_id)
-                # the ADD's result and the taps' slots in one write (see PodNetworks.setup)
-                st, slots = wiring.reserve(
-                    st.with_attachment(dataclasses.replace(att, result=result)), nic.name,
-                    (nic.name,))
-                st = wiring.wire(records.save(st), nic.name, slots)
+                st = records.save(st.with_attachment(dataclasses.replace(att, result=result)))
+                st = wiring.wire(st, nic.name, (nic.name,))
                 faults.point("attach_nic.wired", sandbox_id)
                 wiring.restart_dhcp(st)
                 faults.point("attach_nic.dhcp", sandbox_id)

@@ -125,17 +125,11 @@ class PodNetworks:
                 faults.point("run_sandbox.netns", sandbox_id)
                 result = wiring.cni.add(st.config, wiring.rt(st, att))
                 faults.point("run_sandbox.cni_added", sandbox_id)
-                st = dataclasses.replace(
-                    st.with_attachment(dataclasses.replace(att, result=result)),
-                    server_address=dhcp.server_address(
-                        [ipc.address for ipc in cni.parse_result(result).ips]))
-                st, slots = wiring.reserve(st, PRIMARY_IFNAME, ())
-                # One write for the ADD's result (DEL's prevResult) and the slots of the
-                # taps wiring makes: nothing happens between the two, and both are
-                # recorded before the first tap or bridge exists.
-                st = records.save(st)
+                st = records.save(st.with_attachment(dataclasses.replace(att, result=result)))
                 faults.point("run_sandbox.cni_recorded", sandbox_id)
-                st = wiring.wire(st, PRIMARY_IFNAME, slots)
+                st = dataclasses.replace(st, server_address=dhcp.server_address(
+                    [ipc.address for ipc in cni.parse_result(result).ips]))
+                st = wiring.wire(st, PRIMARY_IFNAME, ())
                 faults.point("run_sandbox.wired", sandbox_id)
                 wiring.restart_dhcp(st)
                 faults.point("run_sandbox.dhcp", sandbox_id)

@@ -45,27 +45,18 @@ class PodWiring:
                                       sandbox_id=st.sandbox_id, vpc=vpc, nics_json=nics_json,
                                       extra=extra))
 
-    @staticmethod
-    def reserve(st: PodState, ifname: str,
-                wanted: Sequence[str]) -> tuple[PodState, list[tuple[str, int]]]:
-        """A slot (so a tap name) for each CNI interface of attachment `ifname`'s result
-        that becomes a VM NIC: the state taking them, not yet saved, and (interface,
-        slot) pairs for `wire`. The caller saves the state before wiring, so a
-        teardown after a crash finds every tap that may exist."""
+    def wire(self, st: PodState, ifname: str, wanted: Sequence[str]) -> PodState:
+        """Bridges each CNI interface of attachment `ifname`'s result for a VM NIC."""
         result = cni.parse_result(st.attachment(ifname).result or {})
         # "lo": a conflist may run the loopback plugin, which reports it as a sandbox interface
         names = [n for n in result.sandbox_interfaces()
                  if n != "lo" and (n in wanted or not wanted)]
         if not names:
             names = [ifname]
-        first = st.next_slot
-        return (dataclasses.replace(st, next_slot=first + len(names)),
-                [(name, first + i) for i, name in enumerate(names)])
-
-    def wire(self, st: PodState, ifname: str, slots: Sequence[tuple[str, int]]) -> PodState:
-        """Bridges each CNI interface of attachment `ifname` for a VM NIC, in the slots
-        `reserve` gave, once the caller has saved the state that took them."""
-        for name, slot in slots:
+        for name in names:
+            slot = st.next_slot
+            # the slot (so its tap name) is recorded before the tap is made
+            st = self.records.save(dataclasses.replace(st, next_slot=slot + 1))
             port = vmnet.wire(st.netns, name, st.sandbox_id, slot, st.server_address)
             att = st.attachment(ifname)
             st = self.records.save(
