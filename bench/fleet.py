@@ -105,6 +105,12 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def host_cpu_s() -> float:
+    """CPU seconds the whole host has spent busy (every CPU, all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
 def qemu_pid(domain: str) -> int | None:
     try:
         return int(Path(f"/run/libvirt/qemu/{domain}.pid").read_text().strip())
@@ -159,6 +165,10 @@ class Pod:
     t0: float
     api_s: float  # RunPodSandbox + CreateContainer + StartContainer
     up_s: float = 0.0  # to MINIMAL-GUEST-UP in the pod's log (0: not yet)
+    #: the three calls' own seconds (their sum is api_s)
+    run_s: float = 0.0
+    create_s: float = 0.0
+    start_s: float = 0.0
 
 
 @dataclass
@@ -181,15 +191,19 @@ class RuntimeFleet:
         cfg = sandbox_config(pb, log_dir, name=f"bench-{i}")
         t0 = time.monotonic()
         sid = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=300).pod_sandbox_id
+        t1 = time.monotonic()
         with self.lock:
             self.sids.append(sid)
         cid = rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=sid, sandbox_config=cfg,
             config=container_config(pb, self.image, memory_mib=self.memory_mib)),
             timeout=300).container_id
+        t2 = time.monotonic()
         if start:
             rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=300)
-        pod = Pod(i, sid, cid, log_dir / "vm" / "0.log", t0, time.monotonic() - t0)
+        t3 = time.monotonic()
+        pod = Pod(i, sid, cid, log_dir / "vm" / "0.log", t0, t3 - t0, run_s=t1 - t0,
+                  create_s=t2 - t1, start_s=t3 - t2)
         with self.lock:
             self.pods.append(pod)
         return pod
@@ -238,13 +252,17 @@ class RuntimeFleet:
 
 
 def runtime_fleet(stack: contextlib.ExitStack, tmp: Path, memory_mib: int,
-                  max_pods: int) -> RuntimeFleet:
+                  max_pods: int, cni_record: bool = True) -> RuntimeFleet:
     """Serves the minimal guest over loopback, makes the test CNI network, starts the
-    daemon and pulls the image; all of it undone by `stack`."""
+    daemon and pulls the image; all of it undone by `stack`. `cni_record`: the network's
+    plugins are bridge + host-local followed by the tests' recording plugin (a Python
+    script); without it, bridge + host-local alone, as on a node."""
     (tmp / "img").mkdir()
     (tmp / "img" / "guest.qcow2").symlink_to(minimal_guest().disk)
     host = stack.enter_context(image_server({"guest.qcow2": tmp / "img" / "guest.qcow2"}))
     net = stack.enter_context(cni_test_network())
+    if not cni_record:
+        net.conflist(record=False)
     d = BenchDaemon(tmp, libvirt_uri="qemu:///system", cni_dir=net.conf_dir, notify=False,
                     args=["--disable-kvm", "--image-download-protocol", "http",
                           "--cni-bin-dir", str(PLUGINS), "--max-pods", str(max(max_pods, 110)),

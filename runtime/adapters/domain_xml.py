@@ -26,14 +26,15 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-import jinja2
+from typing import TYPE_CHECKING, Literal
 
 from ..checks import has_control, ifname_problem, is_mac, is_uuid
 from ..errors import InvalidArgument
 from . import templates
 from .templates import default_template_dirs
+
+if TYPE_CHECKING:
+    import jinja2
 
 METADATA_NS = "https://arktos-vm-runtime/xmlns/domain/1"
 DOMAIN_TEMPLATE = "domain.xml.j2"

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import yaml
 
 from ..errors import Internal
@@ -45,7 +44,9 @@ _InlineDumper.add_representer(str, _InlineDumper.represent_str)
 
 def _defined(value: Any) -> Any:
     """Filters get undefined values unchecked; printing a StrictUndefined raises the
-    UndefinedError that names the variable."""
+    UndefinedError that names the variable (called while rendering: jinja2 is loaded)."""
+    import jinja2
+
     if isinstance(value, jinja2.Undefined):
         str(value)
     return value
@@ -85,6 +86,8 @@ def render(template_dirs: Sequence[Path | str], name: str, **context: Any) -> st
     """
     template = f"{TEMPLATE_DIR}/{name}.j2"
     env = templates.environment(template_dirs, autoescape=False, filters=_FILTERS)
+    import jinja2  # loaded by the environment
+
     try:
         return env.get_template(template).render(**context)
     except jinja2.TemplateError as exc:

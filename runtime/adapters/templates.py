@@ -5,6 +5,7 @@ files): the operator's override directory first (default /etc/arktos-vm-runtime/
 then the project's own templates/ (beside the source tree, or installed by the package),
 so an operator replaces any template by dropping a file of the same name. Environments are
 strict (an undefined variable is an error, not an empty string) and cached per search path.
+Jinja2 is imported with the first environment (CreateContainer's), not at the daemon's start.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 DEFAULT_OVERRIDE_DIR = Path("/etc/arktos-vm-runtime/templates")
 INSTALLED_TEMPLATE_DIR = Path("/usr/share/arktos-vm-runtime/templates")
@@ -46,6 +48,8 @@ Filters = tuple[tuple[str, Callable[..., Any]], ...]
 
 @functools.lru_cache(maxsize=32)
 def _environment(dirs: tuple[str, ...], autoescape: bool, filters: Filters) -> jinja2.Environment:
+    import jinja2
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(list(dirs)),
         autoescape=autoescape,
