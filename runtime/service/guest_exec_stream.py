@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # command (base64 in JSON over the agent's virtio-serial channel, which libvirt waits
 # COMMAND_TIMEOUT s for): a 750 KiB input failed under TCG and left libvirt counting the
 # agent unavailable ("not available for now") for the next commands. 64 KiB is measured
-# by tests/integration/test_exec_agent.py.
+# by tests/integration/test_vm_ops_cloud.py.
 MAX_STDIN = 64 * 1024
 MAX_OUTPUT = 16 * 1024 * 1024  # bytes of stdout and of stderr each (the agent keeps 16 MiB)
 WAIT = 0.1  # seconds between checks of io.gone while reading stdin

@@ -1,12 +1,15 @@
-"""ExecSync through the QEMU guest agent, RebootVM and StopContainer on the Debian cloud
-guest (qemu-guest-agent inside): one guest booted for the module, every check on it.
-Minutes under TCG: marked slow.
+"""ExecSync, Exec (its backend on the real agent, and end to end over the streaming server),
+Attach, PortForward, stats, RebootVM and StopContainer on the Debian cloud guest
+(qemu-guest-agent inside): one guest booted for the module, every check on it (the VM is
+rebooted and stopped last). Minutes under TCG: marked slow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,10 +18,17 @@ from pathlib import Path
 import grpc
 import pytest
 
+from arktos_vm_runtime.adapters.guest_agent import GuestAgent
+from arktos_vm_runtime.adapters.libvirt_conn import LibvirtConnection
+from arktos_vm_runtime.adapters.libvirt_domains import Domains
+from arktos_vm_runtime.errors import Cancelled
+from arktos_vm_runtime.service.guest_exec_stream import GuestExecStream
+from arktos_vm_runtime.service.stream_io import InputPipe, StreamIO
 from tests.daemon_proc import APIS, Daemon
 from tests.go_client import spdyclient
 from tests.guest.images import cloud_guest_image
 from tests.integration.console_pty import PtyConsole
+from tests.integration.daemon_records import DaemonRecords
 from tests.integration.vm_ops_common import StateWatch, VmPod, code_of, vm_pod
 from tests.integration.vmpods import (
     log_text,
@@ -124,6 +134,87 @@ def test_exec_over_the_streaming_server(guest: Guest, api: str) -> None:
         assert json.loads(ws.channel(3))["details"]["causes"][0]["message"] == "4"
     finally:
         ws.close()
+
+
+# -- Exec's backend on the real guest agent, run in this process as the streaming server runs
+# it (GuestExecStream over the GuestAgent adapter): output, exit codes, stdin handed over at
+# spawn (guest-exec input-data), a tty's merged stderr, a client that goes away.
+
+@dataclass
+class AgentExec:
+    cid: str
+    ex: GuestExecStream
+
+
+@pytest.fixture(scope="module")
+def agent_exec(guest: Guest) -> AgentExec:
+    records = DaemonRecords(guest.d.state_dir)
+    agent = GuestAgent(Domains(LibvirtConnection("qemu:///system"),
+                               records.setting("instance_id")))
+    return AgentExec(guest.cid, GuestExecStream(records, agent))  # type: ignore[arg-type]
+
+
+class Run:
+    """One exec session: its writers, its result."""
+
+    def __init__(self, g: AgentExec, argv: list[str], stdin: bytes | None = None,
+                 tty: bool = False) -> None:
+        self.out, self.err = bytearray(), bytearray()
+        pipe = InputPipe() if stdin is not None else None
+        self.io = StreamIO(pipe, self.out.extend, None if tty else self.err.extend, tty=tty)
+        if pipe is not None and stdin is not None:
+            pipe.feed(stdin)
+            pipe.close()
+        self.code: int | None = None
+        self.error: BaseException | None = None
+        self.t = threading.Thread(target=self._run, args=(g, argv), daemon=True)
+        self.t.start()
+
+    def _run(self, g: AgentExec, argv: list[str]) -> None:
+        try:
+            self.code = g.ex.exec(g.cid, argv, self.io)
+        except BaseException as e:
+            self.error = e
+
+    def wait(self, timeout: float = 60) -> Run:
+        self.t.join(timeout)
+        assert not self.t.is_alive(), "exec did not return"
+        return self
+
+
+def test_output_and_exit_codes(agent_exec: AgentExec) -> None:
+    r = Run(agent_exec, ["uname", "-a"]).wait()
+    assert (r.error, r.code) == (None, 0) and r.out.startswith(b"Linux "), (r.error, r.out)
+    r = Run(agent_exec, ["sh", "-c", "echo out; echo err >&2; exit 3"]).wait()
+    assert (r.code, bytes(r.out), bytes(r.err)) == (3, b"out\n", b"err\n")
+    r = Run(agent_exec, ["sh", "-c", "echo out; echo err >&2"], tty=True).wait()
+    assert r.code == 0 and bytes(r.out) == b"out\nerr\n", "a tty's stderr follows stdout"
+    r = Run(agent_exec, ["no-such-program-here"]).wait()
+    assert r.code == 127 and b"no-such-program-here" in r.err, (r.code, r.err)
+
+
+def test_stdin_is_handed_to_the_command(agent_exec: AgentExec) -> None:
+    r = Run(agent_exec, ["cat"], stdin=b"hello\nworld\n").wait()
+    assert (r.code, bytes(r.out)) == (0, b"hello\nworld\n"), r.error
+    big = bytes(range(256)) * 256  # 64 KiB (the bound), every byte value
+    t0 = time.monotonic()
+    r = Run(agent_exec, ["sha256sum"], stdin=big).wait()
+    took = time.monotonic() - t0
+    assert r.code == 0, r.error
+    assert r.out.split()[0].decode() == hashlib.sha256(big).hexdigest()
+    print(f"64 KiB of stdin through the agent: {took:.2f} s")
+    assert took < 8, "well inside the agent command's 10 s"
+
+
+def test_a_client_that_goes_away_gets_its_command_killed(agent_exec: AgentExec) -> None:
+    r = Run(agent_exec, ["sh", "-c", "sleep 987 & sleep 986"])
+    time.sleep(3)
+    assert r.t.is_alive()
+    r.io.gone.set()
+    r.wait(30)
+    assert isinstance(r.error, Cancelled), r.error
+    probe = Run(agent_exec, ["sh", "-c", "ps -eo args | grep -c '^sleep 98[67]$' || true"]).wait()
+    assert probe.code == 0 and probe.out.strip() == b"0", probe.out
 
 
 def test_attach_sees_the_login_prompt_and_types_a_line(guest: Guest) -> None:

@@ -103,6 +103,8 @@ def nodes(workdir: Path, rootfs: Path) -> Iterator[dict[str, Node]]:
         yield booted
     finally:
         for node in booted.values():
+            node.request_poweroff()  # both at once
+        for node in booted.values():
             node.shutdown()
 
 

@@ -88,6 +88,15 @@ class Node:
             time.sleep(0.5)
         raise RuntimeError(f"{self.name}: no ssh on port {self.port}:\n{self.console()}")
 
+    def request_poweroff(self) -> None:
+        """Asks the node's systemd to power off at once, not waiting: forced, so its units
+        are not stopped one by one (the node is thrown away; a clean stop of both nodes took
+        a minute of every run). `shutdown` then waits for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                subprocess.run(self.ssh_argv("systemctl poweroff --force --no-block"),
+                               capture_output=True, timeout=10, check=False)
+
     def shutdown(self, timeout: float = 60.0) -> None:
         """Powers the node off (SIGTERM makes nspawn ask systemd to), then removes it."""
         if self.proc is not None and self.proc.poll() is None:
