@@ -195,6 +195,8 @@ class Domains:
         return conn if conn is not None and conn is self._watched else None
 
     def _subscribe(self, conn: libvirt.virConnect) -> None:
+        with self._handles_lock:  # a new connection: the old one's handles are no use
+            self._handles.clear()
         with call("subscribing to domain lifecycle events"):
             conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                         self._on_lifecycle, None)
