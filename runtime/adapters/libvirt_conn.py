@@ -8,8 +8,10 @@ libvirt's default event loop runs in its own thread: it drives connection keepal
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import libvirt
@@ -40,6 +42,15 @@ def translate(e: libvirt.libvirtError, what: str, uuid: str = "") -> RuntimeErro
 
 _event_loop_started = False
 _event_loop_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def call(what: str, uuid: str = "") -> Iterator[None]:
+    """Runs libvirt calls; a libvirt error leaves as the runtime error `translate` picks."""
+    try:
+        yield
+    except libvirt.libvirtError as e:
+        raise translate(e, what, uuid) from e
 
 
 def _ignore_libvirt_error(_ctx: Any, _err: Any) -> None:

@@ -1,4 +1,4 @@
-"""Domain operations and lifecycle events, for domains this runtime instance made.
+"""Domain operations, for domains this runtime instance made (their events: domain_events).
 
 Every domain of ours is named PREFIX + its UUID and carries our <metadata>, which names
 its sandbox and the runtime instance that defined it (the state store's random id). The
@@ -17,11 +17,12 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import libvirt
 
 from ..errors import AlreadyExists, FailedPrecondition, Internal, NotFound, Unavailable
+from .domain_events import DomainEvents, LifecycleEvent
 from .domain_xml import (
     METADATA_NS,
     DomainMetadata,
@@ -29,7 +30,7 @@ from .domain_xml import (
     parse_metadata,
     parse_metadata_element,
 )
-from .libvirt_conn import LibvirtConnection, translate
+from .libvirt_conn import LibvirtConnection, call, translate
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,6 @@ STOP_REASONS = {
     "failed": (1, "QemuFailed"),
     "unknown": (1, "Unknown"),
 }
-_EVENT_STOP_DETAIL = {
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shutdown",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "failed",
-}
-# Events that may change what virDomainGetInfo says of a domain, besides the lifecycle:
-# the balloon's actual size (libvirt's own figure follows this event), devices (vCPU
-# hot-plug and unplug), tunables.
-_CHANGE_EVENTS = (libvirt.VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE,
-                  libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
-                  libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED,
-                  libvirt.VIR_DOMAIN_EVENT_ID_TUNABLE)
 # RebootVM's domainRebootFlag values that mean something for a QEMU domain.
 REBOOT_FLAGS = {
     libvirt.VIR_DOMAIN_REBOOT_DEFAULT: "default (libvirt picks the agent or ACPI)",
@@ -90,15 +78,6 @@ _SHUTOFF_REASON = {
     libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "failed",
 }
-
-
-@contextlib.contextmanager
-def call(what: str, uuid: str = "") -> Iterator[None]:
-    """Runs libvirt calls; a libvirt error leaves as the runtime error `translate` picks."""
-    try:
-        yield
-    except libvirt.libvirtError as e:
-        raise translate(e, what, uuid) from e
 
 
 def _our_metadata(dom: libvirt.virDomain) -> DomainMetadata | None:
@@ -122,14 +101,6 @@ def domain_name(uuid: str) -> str:
 class DomainState:
     state: str  # running, paused, shutoff, crashed, nostate
     stop_reason: str = ""  # for shutoff: shutdown, destroyed, crashed, failed, unknown
-
-
-@dataclasses.dataclass(frozen=True)
-class LifecycleEvent:
-    uuid: str
-    started: bool = False
-    stopped: bool = False
-    stop_reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,95 +132,20 @@ class Domains:
         self._conn = conn
         #: this runtime instance's id, written into the metadata of every domain it defines
         self.instance = instance
-        self._listeners: list[Callable[[LifecycleEvent], None]] = []
         # Handles of domains found ours, by UUID, with the connection and sandbox they were
         # checked for: `owned_for_reads` (see there). Dropped when the domain is undefined.
         self._handles: dict[str, tuple[libvirt.virConnect, str, libvirt.virDomain]] = {}
         self._handles_lock = threading.Lock()
-        self._change_listeners: list[Callable[[str], None]] = []
-        # The connection on which every change event is subscribed (see watched_connection).
-        self._watched: libvirt.virConnect | None = None
-        conn.on_open(self._subscribe)
-
-    # -- events ---------------------------------------------------------------------------
+        self.events = DomainEvents(conn, PREFIX)
+        self.events.watch_undefined(self.forget)
+        conn.on_open(self._new_connection)
 
     def watch(self, listener: Callable[[LifecycleEvent], None]) -> None:
-        self._listeners.append(listener)
+        self.events.watch(listener)
 
-    def watch_changes(self, listener: Callable[[str], None]) -> None:
-        """`listener(uuid)` whenever libvirt says one of our domains changed: any lifecycle
-        event, the balloon's size, a device (a vCPU too) added or removed, a tunable. Runs
-        on libvirt's event thread: the listener must not block."""
-        self._change_listeners.append(listener)
-
-    def watched_connection(self) -> libvirt.virConnect | None:
-        """The current connection if every change event is subscribed on it (else None):
-        what a reader keeps about a domain is valid only while it is."""
-        conn = self._conn.get()
-        return conn if conn is self._watched else None
-
-    def watched_now(self) -> libvirt.virConnect | None:
-        """As `watched_connection`, never waiting on libvirt (the connection as it stands:
-        one found dead is replaced by the next call that uses libvirt)."""
-        conn = self._conn.current()
-        return conn if conn is not None and conn is self._watched else None
-
-    def _subscribe(self, conn: libvirt.virConnect) -> None:
-        with self._handles_lock:  # a new connection: the old one's handles are no use
+    def _new_connection(self, _conn: libvirt.virConnect) -> None:
+        with self._handles_lock:  # the old connection's handles are no use
             self._handles.clear()
-        with call("subscribing to domain lifecycle events"):
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        self._on_lifecycle, None)
-        try:
-            with call("subscribing to domain change events"):
-                for event_id in _CHANGE_EVENTS:
-                    conn.domainEventRegisterAny(None, event_id, self._on_change, None)
-        except Unavailable as e:  # a driver without them: nothing is kept (see above)
-            log.warning("libvirt change events unavailable, sizes are read every time: %s",
-                        e.message)
-            return
-        self._watched = conn
-
-    def _on_change(self, _conn: libvirt.virConnect, dom: libvirt.virDomain,
-                   *_event: object) -> None:
-        # libvirt's event thread; dom.name() and UUIDString() are the handle's own fields.
-        try:
-            if dom.name().startswith(PREFIX):
-                self._changed(dom.UUIDString())
-        except Exception:
-            log.exception("handling a libvirt change event failed")
-
-    def _changed(self, uuid: str) -> None:
-        for listener in self._change_listeners:
-            listener(uuid)
-
-    def _on_lifecycle(self, _conn: libvirt.virConnect, dom: libvirt.virDomain, event: int,
-                      detail: int, _opaque: object) -> None:
-        # Runs on libvirt's event thread: no blocking libvirt calls here.
-        try:
-            with call("reading the domain of a lifecycle event"):
-                name = dom.name()
-                if not name.startswith(PREFIX):
-                    return
-                uuid = dom.UUIDString()
-            self._changed(uuid)
-            if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED:
-                self.forget(uuid)
-                return
-            if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
-                ev = LifecycleEvent(uuid, started=True)
-            elif event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-                ev = LifecycleEvent(uuid, stopped=True,
-                                    stop_reason=_EVENT_STOP_DETAIL.get(detail, "unknown"))
-            elif event == libvirt.VIR_DOMAIN_EVENT_CRASHED:
-                ev = LifecycleEvent(uuid, stopped=True, stop_reason="crashed")
-            else:
-                return
-            log.debug("libvirt event for %s: %s", name, ev, extra={"CONTAINER_ID": uuid})
-            for listener in self._listeners:
-                listener(ev)
-        except Exception:
-            log.exception("handling a libvirt lifecycle event failed")
 
     # -- operations -----------------------------------------------------------------------
     # Each libvirt call runs inside _call, so every libvirt error is translated by
@@ -383,7 +279,7 @@ class Domains:
 
     def undefine(self, uuid: str, sandbox_id: str) -> None:
         self.forget(uuid)
-        self._changed(uuid)  # at once, not when libvirt's UNDEFINED event comes
+        self.events.changed(uuid)  # at once, not when libvirt's UNDEFINED event comes
         dom = self._owned(uuid, sandbox_id, "removing")
         if dom is None:
             return

@@ -13,7 +13,7 @@ bring the present CPUs online, or as many as asked for. Memory goes through the 
 the target is set at once and the guest gives memory back (or takes it) at its own pace.
 
 `present`, what ContainerStatus reports once per container a second, keeps libvirt's last
-answer until libvirt says the domain changed (Domains.watch_changes: lifecycle, balloon,
+answer until libvirt says the domain changed (domain_events: lifecycle, balloon,
 device and tunable events; libvirt's own balloon figure follows the same event), until
 `apply` changes it, for at most SIZE_MAX_AGE seconds (a change no event reports, as an
 operator's `virsh setvcpus --config` on a stopped VM, shows within that), and never across
@@ -82,7 +82,7 @@ class DomainResizer:
         self._sizes_conn: libvirt.virConnect | None = None
         self._epoch = 0
         self._sizes_lock = threading.Lock()
-        domains.watch_changes(self._forget_size)
+        domains.events.watch_changes(self._forget_size)
 
     def _forget_size(self, uuid: str) -> None:
         with self._sizes_lock:
@@ -114,7 +114,7 @@ class DomainResizer:
         made once per domain (`Domains.owned_for_reads`), so a read is one libvirt call,
         and its answer is kept until the domain changes (module docstring). None when the
         domain is gone or not ours."""
-        conn = self._domains.watched_connection()
+        conn = self._domains.events.watched_connection()
         now = time.monotonic()
         with self._sizes_lock:
             kept = self._kept(conn, uuid, sandbox_id, now)
@@ -143,7 +143,7 @@ class DomainResizer:
     def kept(self, uuid: str, sandbox_id: str) -> VmPresent | None:
         """`present`'s kept answer, if it holds; None otherwise (then call `present`).
         Never calls or waits on libvirt: the serving loop answers from it."""
-        conn = self._domains.watched_now()
+        conn = self._domains.events.watched_now()
         with self._sizes_lock:
             return self._kept(conn, uuid, sandbox_id, time.monotonic())
 
