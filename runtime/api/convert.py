@@ -27,28 +27,22 @@ class MessageCache(Generic[R]):
 
     def __init__(self, build: Callable[[Call, R], Any]) -> None:
         self._build: Callable[[Call, R], Any] = build
-        self._kept: dict[tuple[str, str], tuple[R, Any]] = {}
+        self._kept: dict[str, dict[str, tuple[R, Any]]] = {}  # api version -> id -> (rec, msg)
 
     def messages(self, call: Call, records: Sequence[R], every: bool) -> list[Any]:
         """The messages of `records`; `every`: they are all current records, so what is
-        kept for others of this API version (removed since) is dropped."""
-        out = []
-        fresh: dict[tuple[str, str], tuple[R, Any]] = {}
+        kept for others (removed since) is dropped."""
+        kept = self._kept.setdefault(call.api_version, {})
+        fresh: dict[str, tuple[R, Any]] = {}
         for rec in records:
-            key = (call.api_version, rec.id)
-            hit = self._kept.get(key)
-            if hit is None or hit[0] is not rec:
-                hit = (rec, self._build(call, rec))
-            fresh[key] = hit
-            out.append(hit[1])
+            hit = kept.get(rec.id)
+            fresh[rec.id] = hit if hit is not None and hit[0] is rec \
+                else (rec, self._build(call, rec))
         if every:
-            for key, hit in self._kept.items():
-                if key[0] != call.api_version:
-                    fresh.setdefault(key, hit)
-            self._kept = fresh
+            self._kept[call.api_version] = fresh
         else:
-            self._kept.update(fresh)
-        return out
+            kept.update(fresh)
+        return [msg for _rec, msg in fresh.values()]
 
 
 def has(msg_cls: Any, field: str) -> bool:
