@@ -7,6 +7,8 @@ kubelet's relist costs in Python gRPC, with the daemon's own answers.
 
     .venv/bin/python -m bench.bare_grpc_server SOCKET {aio,sync}
     .venv/bin/python -m bench.bare_grpc_server SOCKET replay ANSWERS.json
+
+`start` runs one in its own process for a bench, stopped by the bench's cleanup stack.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import subprocess
 import sys
+import time
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -67,6 +73,30 @@ async def serve_replay(sock: str, answers_file: str) -> None:
     server.add_insecure_port(f"unix:{sock}")
     await server.start()
     await server.wait_for_termination()
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def start(stack: Any, tmp: Path, kind: str, *args: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """The server of `kind` (aio, sync, replay ANSWERS) on a socket in `tmp`, in its own
+    process and session, stopped by `stack`; its socket path and process."""
+    sock = str(tmp / f"bare-{kind}.sock")
+    p = subprocess.Popen([sys.executable, "-m", "bench.bare_grpc_server", sock, kind, *args],
+                         start_new_session=True)
+    stack.callback(stop, p)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        if time.monotonic() > deadline or p.poll() is not None:
+            raise SystemExit(f"the bare {kind} server did not start")
+        time.sleep(0.05)
+    return sock, p
 
 
 def main() -> None:

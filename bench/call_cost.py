@@ -19,39 +19,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2 as pb
 from arktos_vm_runtime.api.gen.v1alpha2 import api_pb2_grpc as pb_grpc
+from bench import bare_grpc_server as bare
 from bench.fleet import BenchDaemon, cleanup_stack, scratch, summary, write_json
 from bench.profiling import print_top, profile
 
 BLOCK = 250
-
-
-def stop(p: subprocess.Popen[bytes]) -> None:
-    p.terminate()
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
-def bare(stack: Any, tmp: Path, kind: str) -> str:
-    sock = str(tmp / f"bare-{kind}.sock")
-    p = subprocess.Popen([sys.executable, "-m", "bench.bare_grpc_server", sock, kind],
-                         start_new_session=True)
-    stack.callback(stop, p)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        if time.monotonic() > deadline or p.poll() is not None:
-            raise SystemExit(f"the bare {kind} server did not start")
-        time.sleep(0.05)
-    return sock
 
 
 def measure(targets: dict[str, Callable[[], object]], calls: int) -> dict[str, list[float]]:
@@ -101,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         stack.callback(d.stop)
         d.start()
         chans = {k: stack.enter_context(grpc.insecure_channel(f"unix:{s}")) for k, s in (
-            ("sync", bare(stack, tmp, "sync")), ("aio", bare(stack, tmp, "aio")),
+            ("sync", bare.start(stack, tmp, "sync")[0]), ("aio", bare.start(stack, tmp, "aio")[0]),
             ("daemon", d.socket))}
         stubs = {k: pb_grpc.RuntimeServiceStub(c) for k, c in chans.items()}
         targets: dict[str, Callable[[], object]] = {
@@ -120,12 +98,12 @@ def main(argv: list[str] | None = None) -> None:
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
                                  start_new_session=True) for _ in range(args.load)]
         for h in hogs:
-            stack.callback(stop, h)
+            stack.callback(bare.stop, h)
         time.sleep(1)
         out["loaded"] = table(f"under load ({args.load} busy-looping processes)",
                               measure(targets, args.calls))
         for h in hogs:
-            stop(h)
+            bare.stop(h)
         assert d.proc is not None
         print(f"py-spy{' --native' if args.native else ''} on the daemon over "
               f"{args.profile_calls} Version calls (quiet):")

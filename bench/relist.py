@@ -15,10 +15,7 @@ import argparse
 import base64
 import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +25,7 @@ from typing import Any
 import grpc
 import libvirt
 
+from bench import bare_grpc_server
 from bench.fleet import (
     RuntimeFleet,
     cleanup_stack,
@@ -190,28 +188,6 @@ def _each(caller: RawCaller, calls: list[tuple[str, bytes]]) -> Callable[[], Non
     return run
 
 
-def _replay_server(stack: contextlib.ExitStack, answers: dict[str, dict[str, str]],
-                   tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    (tmp / "answers.json").write_text(json.dumps(answers))
-    sock = str(tmp / "replay.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_grpc_server", sock, "replay",
-                             str(tmp / "answers.json")])
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    stack.callback(stop)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the replay server did not start")
-        time.sleep(0.05)
-    return proc, sock
-
-
 def cpu_while_relisting(fleet: RuntimeFleet, seconds: int,
                         api: str = "v1alpha2") -> dict[str, Any]:
     """The daemon's CPU over `seconds` idle, then over `seconds` of each of LOADS once a
@@ -236,14 +212,17 @@ def cpu_while_relisting(fleet: RuntimeFleet, seconds: int,
     with contextlib.ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="avr-replay-"))
         stack.callback(shutil.rmtree, tmp, True)
-        proc, sock = _replay_server(stack, answers, tmp)
+        (tmp / "answers.json").write_text(json.dumps(answers))
+        sock, proc = bare_grpc_server.start(stack, tmp, "replay", str(tmp / "answers.json"))
         bare = RawCaller(sock)
         stack.callback(bare.close)
         out["bare_idle_cpu_pct"] = round(_cpu_pct(proc.pid, min(seconds, 10), None), 2)
         for load in LOADS:
             calls = load_calls(fleet, api, load)
-            for path, req in calls:
-                bare(path, req)  # warm
+            for path, req in calls:  # warm, and the replay gives the daemon's answers
+                if base64.b64encode(bare(path, req)).decode() != answers[path][
+                        base64.b64encode(req).decode()]:
+                    raise SystemExit(f"the replay server's answer to {path} differs")
             out[f"bare_{load}_cpu_pct"] = round(_cpu_pct(proc.pid, seconds,
                                                          _each(bare, calls)), 2)
     print(f"  CPU over {seconds} s at {n} pods ({api}), % of one core: daemon idle "
